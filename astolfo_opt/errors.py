@@ -9,6 +9,9 @@ from pathlib import Path
 class AstolfoError(Exception):
     """Base of every error the CLI reports as one line (exit status 2)."""
 
+    def __str__(self) -> str:  # names from hostile files must not break the line or drive the terminal
+        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in super().__str__())
+
 
 class CheckpointError(AstolfoError):
     """A model file cannot be used: unreadable, hostile, malformed or of the wrong architecture."""

@@ -69,7 +69,7 @@ def parse_safetensors_header(raw: bytes, file_size: int, path: str | Path = "<by
         raise CheckpointError(path, f"corrupt safetensors header: header length {n} exceeds the file ({file_size} bytes)")
     try:
         header = json.loads(raw[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting must not escape
         raise CheckpointError(path, f"corrupt safetensors header: not JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header: not a JSON object")
@@ -81,10 +81,11 @@ def parse_safetensors_header(raw: bytes, file_size: int, path: str | Path = "<by
     for key, e in header.items():
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
             raise CheckpointError(path, f"corrupt safetensors header: entry {key!r} lacks dtype/shape/data_offsets")
-        if e["dtype"] not in ST_DTYPES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in ST_DTYPES:  # a list here is unhashable
             raise CheckpointError(path, f"unsupported dtype {e['dtype']!r} for tensor {key}")
         shape, offs = e["shape"], e["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+                and _numel(tuple(max(s, 1) for s in shape)) < 2**62):  # torch cannot stride larger dims, even when empty
             raise CheckpointError(path, f"corrupt safetensors header: bad shape {shape!r} for tensor {key}")
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
             raise CheckpointError(path, f"corrupt safetensors header: bad data_offsets {offs!r} for tensor {key}")
@@ -229,7 +230,7 @@ class PickleCheckpointReader(CheckpointReader):
         except Exception as e:  # noqa: BLE001 - every failure here is a refusal of untrusted input
             msg = str(e).strip().splitlines()
             detail = next((m for m in msg if "Unsupported" in m or "GLOBAL" in m), msg[0] if msg else type(e).__name__)
-            raise CheckpointError(self.path, f"refused .ckpt: {detail[:200]}",
+            raise CheckpointError(self.path, f"refused .ckpt: {detail.strip().split(' Please use')[0][:200]}",
                                   "only plain tensors are loaded; convert trusted files to .safetensors") from None
         self._tensors = _unwrap_state_dict(obj, self.path)
         self.metadata = {}

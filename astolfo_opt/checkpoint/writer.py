@@ -87,6 +87,8 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:  # memoryview cannot cast a view with a zero in its shape; an empty tensor has no bytes
+        return memoryview(b"")
     if t.dtype in (torch.bfloat16,) or str(t.dtype).startswith("torch.float8"):
         t = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
     return memoryview(t.numpy()).cast("B")

@@ -1,0 +1,380 @@
+"""Evaluators: what turns a candidate recipe into objective values, batch by batch.
+
+The study core (objective, pruning, storage, greedy, export bookkeeping) only talks to the :class:`Evaluator`
+interface, so it is tested with a cheap :class:`SyntheticEvaluator`, benchmarked with the weight-space
+:class:`OracleEvaluator` (issue 8: ``s = 1 - |θ - θ*| / |θ_uniform - θ*|``, no rendering), and run for real with the
+:class:`PipelineEvaluator` (IncrementalMerger -> RenderPipeline.swap_sink -> render_batches -> scorers Objective).
+
+``evaluate`` is a generator: one :class:`BatchResult` per prompt batch with the *running* value(s) over everything
+scored so far, so the objective can ``trial.report`` / ``should_prune`` between batches and a pruned trial stops
+rendering at once. Evaluators fill the :class:`TrialContext` with the time split and a hash of the merged tensors
+(the export re-merges and must reproduce it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from astolfo_opt.checkpoint.layout import MERGE_COMPONENTS, component_of
+from astolfo_opt.errors import ConfigError
+from astolfo_opt.search.space import Candidate, SearchSpace, spec_to_recipe
+
+
+@dataclass
+class BatchResult:
+    """After one batch: ``step`` = images scored so far, ``values`` = running objective value(s)."""
+
+    step: int
+    values: list[float]
+    #: rows of this batch: {"prompt", "seed", "scores": {scorer: raw}, "values": [...]}
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrialContext:
+    """Per-trial bookkeeping the evaluator fills in (read by the objective for user attrs and artifacts)."""
+
+    number: int = -1
+    timings: dict[str, float] = field(default_factory=lambda: {"merge": 0.0, "render": 0.0, "score": 0.0})
+    #: merged-tensor hash per merge component (identical to what an export writes)
+    component_hashes: dict[str, str] = field(default_factory=dict)
+    merge_info: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensor_hash(self) -> str | None:
+        return combine_hashes(self.component_hashes) if self.component_hashes else None
+
+
+def combine_hashes(component_hashes: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for comp in sorted(component_hashes):
+        h.update(f"{comp}={component_hashes[comp]};".encode())
+    return h.hexdigest()
+
+
+class Evaluator:
+    """Base class. Subclasses set ``names``/``directions``/``n_steps`` and implement :meth:`evaluate`."""
+
+    names: list[str] = ["objective"]
+    directions: list[str] = ["maximize"]
+    n_steps: int = 1
+    scorer_names: list[str] = []
+    prompt_set_hash: str | None = None
+    prompt_set_name: str | None = None
+    #: merge output dtype (export must use the same to reproduce the tensor hash)
+    out_dtype: str = "fp16"
+
+    def evaluate(self, candidate: Candidate, ctx: TrialContext) -> Iterator[BatchResult]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+# ------------------------------------------------------------------------------------------------ sinks
+class HashingSink:
+    """A merge sink that hashes what it is given per component (key, dtype, shape, bytes in emission order).
+
+    Tee it beside the live-pipeline sink during a trial and beside the file writer at export: equal hashes prove the
+    exported file holds the tensors that were rendered and scored. Components not emitted by an incremental merge
+    keep their previous hash (``previous``)."""
+
+    def __init__(self, arch: str, previous: Mapping[str, str] | None = None):
+        self.arch = arch
+        self.hashes: dict[str, str] = dict(previous or {})
+        self._h: dict[str, Any] = {}
+
+    def begin(self, plan) -> None:
+        self._h = {}
+
+    def consume(self, key: str, tensor) -> None:
+        import torch
+
+        comp = component_of(self.arch, key)
+        if comp not in MERGE_COMPONENTS:
+            return
+        h = self._h.get(comp)
+        if h is None:
+            h = self._h[comp] = hashlib.blake2b(digest_size=16)
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def end(self) -> None:
+        self.hashes.update({c: h.hexdigest() for c, h in self._h.items()})
+        self._h = {}
+
+
+class TeeSink:
+    """Forward every call to several sinks (live pipeline + hasher, file writer + hasher)."""
+
+    def __init__(self, *sinks: Any):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def begin(self, plan) -> None:
+        for s in self.sinks:
+            s.begin(plan)
+
+    def consume(self, key: str, tensor) -> None:
+        for s in self.sinks:
+            s.consume(key, tensor)
+
+    def end(self) -> None:
+        for s in self.sinks:
+            s.end()
+
+
+# ------------------------------------------------------------------------------------------------ synthetic
+class SyntheticEvaluator(Evaluator):
+    """A deterministic stand-in for render + score, for tests of the study machinery.
+
+    A hidden preference (from ``seed``) picks the "good" models per component and a good MBW alpha; the value of a
+    candidate is how well it matches, plus optional per-batch noise. ``n_steps`` batches are reported so pruners
+    have intermediate values; ``sleep`` seconds per batch make trials slow enough to kill in tests."""
+
+    def __init__(self, space: SearchSpace, n_steps: int = 4, noise: float = 0.0, seed: int = 0, sleep: float = 0.0,
+                 multi: bool = False):
+        self.space = space
+        self.n_steps = int(n_steps)
+        self.noise = float(noise)
+        self.sleep = float(sleep)
+        self.multi = multi
+        rng = random.Random(seed)
+        self.good = {c: {g.rep for g in gs if rng.random() < 0.5} or {gs[0].rep} for c, gs in space.groups.items()}
+        self.good_alpha = rng.uniform(0.3, 0.9)
+        self.names = ["match", "alpha"] if multi else ["objective"]
+        self.directions = ["maximize"] * len(self.names)
+        self.scorer_names = ["synthetic"]
+        self.prompt_set_hash = "synthetic"
+        self.seed = seed
+
+    def true_values(self, spec: Mapping[str, Any]) -> list[float]:
+        match, alpha_err = [], []
+        for comp, c in spec["components"].items():
+            members = {m["model"] for m in c["members"]}
+            good = self.good.get(comp, set())
+            if good:
+                match.append(len(members & good) / len(members | good))
+            for a in (c.get("alpha") or {}).values():
+                alpha_err.append(abs(a - self.good_alpha))
+        m = sum(match) / max(len(match), 1)
+        a = 1.0 - (sum(alpha_err) / len(alpha_err) if alpha_err else 0.0)
+        return [m, a] if self.multi else [m + 0.25 * a]
+
+    def evaluate(self, candidate: Candidate, ctx: TrialContext) -> Iterator[BatchResult]:
+        truth = self.true_values(candidate.spec)
+        ctx.component_hashes = {c: hashlib.blake2b(repr(sorted(v.items())).encode(), digest_size=16).hexdigest()
+                                for c, v in candidate.spec["components"].items()}
+        rng = random.Random(f"{self.seed}|{candidate.hash}")
+        sums = [0.0] * len(truth)
+        for step in range(1, self.n_steps + 1):
+            if self.sleep:
+                time.sleep(self.sleep)
+            vals = [t + (rng.gauss(0, self.noise) if self.noise else 0.0) for t in truth]
+            sums = [s + v for s, v in zip(sums, vals, strict=True)]
+            ctx.timings["score"] += 1e-6
+            yield BatchResult(step, [s / step for s in sums], rows=[{"prompt": f"p{step}", "seed": step, "scores": {"synthetic": vals[0]},
+                                                                      "values": vals}])
+
+
+# ------------------------------------------------------------------------------------------------ oracle
+class _DistanceSink:
+    """Accumulates ``sum (θ - θ*)²`` per component against target tensors (fp32), for the oracle evaluator."""
+
+    def __init__(self, arch: str, target: Mapping[str, Any]):
+        self.arch = arch
+        self.target = target
+        self.dist2: dict[str, float] = {}
+        self._cur: dict[str, float] = {}
+
+    def begin(self, plan) -> None:
+        self._cur = {}
+
+    def consume(self, key: str, tensor) -> None:
+        comp = component_of(self.arch, key)
+        ref = self.target.get(key)
+        if comp not in MERGE_COMPONENTS or ref is None or not tensor.is_floating_point():
+            return
+        d = (tensor.detach().float().cpu() - ref).pow(2).sum().item()
+        self._cur[comp] = self._cur.get(comp, 0.0) + d
+
+    def end(self) -> None:
+        self.dist2.update(self._cur)
+
+
+class OracleEvaluator(Evaluator):
+    """Weight-space oracle for search-efficiency benchmarks: ``s = 1 - |θ - θ*| / |θ_uniform - θ*|``.
+
+    ``target`` is a recipe spec (θ* = its merge); θ_uniform is the space's uniform-average warm start. Merges go
+    through the real kernel (IncrementalMerger, so unchanged components are not re-merged) into a sink that measures
+    the distance; there is no rendering, so thousands of trials are cheap and the optimum is known (s = 1)."""
+
+    def __init__(self, space: SearchSpace, target: Mapping[str, Any] | Candidate, device: str = "auto", out_dtype: str = "fp32"):
+        import torch
+
+        from astolfo_opt.merge.incremental import IncrementalMerger
+        from astolfo_opt.merge.kernel import merge
+        from astolfo_opt.merge.sinks import CollectSink
+
+        self.space = space
+        self.arch = space.pool.arch
+        self.out_dtype = out_dtype
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[out_dtype]
+        target_spec = target.spec if isinstance(target, Candidate) else dict(target)
+        self.target_spec = target_spec
+        comps = list(space.components)
+        t_sink = CollectSink()
+        merge(spec_to_recipe(target_spec), t_sink, device=device, out_dtype=torch.float32, components=comps)
+        self.target = {k: v.float().cpu() for k, v in t_sink.tensors.items()}
+        uni = space.candidate(space.uniform_params())
+        d = _DistanceSink(self.arch, self.target)
+        merge(uni.recipe(), d, device=device, out_dtype=dt, components=comps)
+        self.norm = math.sqrt(sum(d.dist2.values())) or 1.0
+        self.merger = IncrementalMerger(device=device, out_dtype=dt)
+        self.dist = _DistanceSink(self.arch, self.target)
+        self.hasher = HashingSink(self.arch)
+        self.names = ["oracle"]
+        self.directions = ["maximize"]
+        self.scorer_names = ["oracle"]
+        self.prompt_set_hash = None
+
+    def evaluate(self, candidate: Candidate, ctx: TrialContext) -> Iterator[BatchResult]:
+        t0 = time.perf_counter()
+        stats = self.merger.merge(candidate.recipe(), TeeSink(self.dist, self.hasher))
+        ctx.timings["merge"] += time.perf_counter() - t0
+        ctx.merge_info = {"changed": list(getattr(self.merger, "last_changed", [])), "bytes_read": getattr(stats, "bytes_read", None)}
+        ctx.component_hashes = dict(self.hasher.hashes)
+        t1 = time.perf_counter()
+        s = 1.0 - math.sqrt(sum(self.dist.dist2.get(c, 0.0) for c in self.space.components)) / self.norm
+        ctx.timings["score"] += time.perf_counter() - t1
+        yield BatchResult(1, [s], rows=[{"prompt": "oracle", "seed": 0, "scores": {"oracle": s}, "values": [s]}])
+
+
+# ------------------------------------------------------------------------------------------------ real pipeline
+class PipelineEvaluator(Evaluator):
+    """The real thing: IncrementalMerger -> RenderPipeline.swap_sink (tee'd with a hasher) -> render_batches ->
+    scorers Objective. The pipeline is built once from the base model; each trial only swaps the merged tensors of
+    the components that changed, so a trial's cost is render + score plus a partial merge."""
+
+    def __init__(self, space: SearchSpace, render_cfg: Mapping[str, Any], scorer_cfg: Mapping[str, Any], *,
+                 device: str = "auto", variant: str | None = None, out_dtype: str = "fp16", hash_tensors: bool = True,
+                 dtype: str | None = None):
+        import torch
+
+        from astolfo_opt.merge.incremental import IncrementalMerger
+        from astolfo_opt.render.pipeline import build_pipeline
+        from astolfo_opt.render.prompts import load_prompt_set
+        from astolfo_opt.render.settings import RenderSettings
+        from scorers.registry import build_objective
+
+        self.space = space
+        pool = space.pool
+        self.objective = build_objective(scorer_cfg, key="scorer")
+        self.names = list(self.objective.names)
+        self.directions = list(self.objective.directions)
+        self.scorer_names = [s.name for s in self.objective.scorers]
+        rc = dict(render_cfg)
+        ps = rc.get("prompt_set")
+        if not ps:
+            raise ConfigError("render.prompt_set is required (a YAML prompt set path or a shipped set name)")
+        self.prompt_set = load_prompt_set(_resolve_prompt_set(ps))
+        n = rc.get("n_prompts")
+        self.prompts = list(self.prompt_set.prompts)[: int(n)] if n else list(self.prompt_set.prompts)
+        self.prompt_set_hash = self.prompt_set.hash
+        self.prompt_set_name = self.prompt_set.name
+        fields = {k: rc[k] for k in ("width", "height", "steps", "guidance_scale", "scheduler", "clip_skip", "batch_size") if k in rc}
+        self.settings = RenderSettings(**fields)
+        bs = max(int(getattr(self.settings, "batch_size", 1) or 1), 1)
+        self.n_steps = math.ceil(len(self.prompts) / bs)
+        self.out_dtype = out_dtype
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[out_dtype]
+        base = pool.base or pool.names[0]
+        t0 = time.perf_counter()
+        self.pipe = build_pipeline(pool.paths[base], variant=variant or pool.variant, device=device,
+                                   dtype=(None if dtype in (None, "auto") else {"fp32": torch.float32, "fp16": torch.float16,
+                                                                                  "bf16": torch.bfloat16}[dtype]))
+        self.build_seconds = time.perf_counter() - t0
+        self.merger = IncrementalMerger(device=device, out_dtype=dt)
+        self.hasher = HashingSink(pool.arch) if hash_tensors else None
+
+    def describe(self) -> str:
+        return (f"pipeline: {len(self.prompts)} prompts ({self.prompt_set_name}) in {self.n_steps} batches; "
+                f"objective {self.names} {self.directions}")
+
+    def evaluate(self, candidate: Candidate, ctx: TrialContext) -> Iterator[BatchResult]:
+        t0 = time.perf_counter()
+        stats = self.merger.merge(candidate.recipe(), TeeSink(self.pipe.swap_sink(), self.hasher))
+        ctx.timings["merge"] += time.perf_counter() - t0
+        ctx.merge_info = {"changed": list(getattr(self.merger, "last_changed", [])),
+                          "bytes_read": getattr(stats, "bytes_read", None)}
+        if self.hasher is not None:
+            ctx.component_hashes = dict(self.hasher.hashes)
+        n_obj = len(self.names)
+        sums, count = [0.0] * n_obj, 0
+        t_r = time.perf_counter()
+        for batch in self.pipe.render_batches(self.prompts, self.settings):
+            t_s = time.perf_counter()
+            ctx.timings["render"] += t_s - t_r
+            images = [img for _, img in batch]
+            texts = [p.prompt for p, _ in batch]
+            res = self.objective.evaluate(images, texts)
+            ctx.timings["score"] += time.perf_counter() - t_s
+            rows = []
+            for i, (p, _) in enumerate(batch):
+                vals = res.per_image[i] if res.per_image else res.values
+                rows.append({"prompt": p.prompt, "seed": p.seed, "scores": {k: v[i] for k, v in res.per_scorer.items()},
+                             "values": list(vals)})
+                sums = [s + float(v) for s, v in zip(sums, vals, strict=True)]
+            count += len(batch)
+            yield BatchResult(count, [s / count for s in sums], rows=rows, images=images,
+                              labels=[f"{p.prompt[:40]} | s{p.seed}" for p, _ in batch])
+            t_r = time.perf_counter()
+
+
+def _resolve_prompt_set(ps: str | Path) -> Path:
+    p = Path(str(ps)).expanduser()
+    if p.is_file():
+        return p
+    from importlib import resources
+
+    shipped = resources.files("astolfo_opt.render").joinpath("prompt_sets", f"{ps}.yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"prompt set {ps!r} not found: give a YAML path or a shipped set name (render.prompt_set=...)")
+
+
+def build_evaluator(kind: str, space: SearchSpace, cfg: Mapping[str, Any]) -> Evaluator:
+    """Evaluator by name from the resolved top-level config (``evaluator.kind``)."""
+    ev = dict(cfg.get("evaluator") or {})
+    if kind == "synthetic":
+        return SyntheticEvaluator(space, n_steps=int(ev.get("n_steps", 4)), noise=float(ev.get("noise", 0.0)),
+                                  seed=int(cfg.get("seed", 0)), sleep=float(ev.get("sleep", 0.0)), multi=bool(ev.get("multi", False)))
+    if kind == "oracle":
+        target = ev.get("target")
+        if not target:
+            raise ConfigError("evaluator.kind=oracle needs evaluator.target: a params mapping of the space (the hidden optimum)")
+        return OracleEvaluator(space, space.candidate({**space.uniform_params(), **dict(target)}), device=str(cfg.get("device", "auto")),
+                               out_dtype=str(ev.get("out_dtype", "fp32")))
+    if kind == "pipeline":
+        return PipelineEvaluator(space, cfg.get("render") or {}, cfg.get("scorer") or {}, device=str(cfg.get("device", "auto")),
+                                 variant=(cfg.get("pool") or {}).get("variant"), out_dtype=str(ev.get("out_dtype", "fp16")),
+                                 hash_tensors=bool(ev.get("hash_tensors", True)), dtype=ev.get("dtype"))
+    raise ConfigError(f"evaluator.kind={kind!r} is unknown; use pipeline, oracle or synthetic")
+
+
+def as_list(x: float | Sequence[float]) -> list[float]:
+    return [float(x)] if isinstance(x, int | float) else [float(v) for v in x]
