@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from astolfo_opt.checkpoint.io import ST_DTYPES, dtype_size, open_checkpoint, parse_safetensors_header
-from astolfo_opt.checkpoint.writer import save_safetensors
+from astolfo_opt.checkpoint.writer import PARTIAL_MARK, save_safetensors
 from astolfo_opt.errors import AstolfoError, CheckpointError
 from astolfo_opt.testing import hostile
 from astolfo_opt.testing.factory import ModelSpec, make_checkpoint
@@ -30,8 +31,11 @@ from astolfo_opt.testing.factory import ModelSpec, make_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 HAS_INSPECT = (ROOT / "astolfo_opt/commands/inspect.py").is_file()
 HAS_MERGE = (ROOT / "astolfo_opt/commands/merge.py").is_file()
+HAS_SEARCH = (ROOT / "astolfo_opt/commands/search.py").is_file()
 #: cases that only an architecture / shape check can refuse (the header itself is valid)
 SEMANTIC = {"foreign", "wrong_shape"}
+#: a real traceback starts a line; the control_chars case only *quotes* the word inside an escaped key name
+TRACEBACK = re.compile(r"^\s*Traceback \(most recent call last\)", re.M)
 
 # Runs many CLI calls in one process: one torch import, per-call stdout/stderr capture, crashes recorded as text.
 DRIVER = r"""
@@ -85,7 +89,7 @@ def assert_refusal(r: dict, path: Path, expect: tuple[str, ...], what: str) -> s
     """One ``error:`` line, exit 2, names the file and says what is wrong; no traceback, no terminal control."""
     err = r["stderr"]
     assert r["rc"] not in (0, -999), f"{what}: accepted {path.name} (rc {r['rc']}); stderr={err[-1500:]!r}"
-    assert "Traceback" not in err and "Traceback" not in r["stdout"], f"{what}: traceback for {path.name}:\n{err[-3000:]}"
+    assert not TRACEBACK.search(err + r["stdout"]), f"{what}: traceback for {path.name}:\n{err[-3000:]}"
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, f"{what}: expected one 'error:' line for {path.name}, got {err!r}"
     line = lines[0]
@@ -248,6 +252,30 @@ def test_merge_refuses_mixed_architectures_and_nan_by_default(corpus, tmp_path):
 # ---------------------------------------------------------------------------------------------------- search
 
 
+def search_argv(files: list[Path], run_dir: Path, *extra: str) -> list[str]:
+    """``astolfo-opt search pool.files=[...]`` with the synthetic evaluator (no renderer needed to reach the pool)."""
+    listed = ",".join(f"'{p}'" for p in files)
+    return ["search", f"pool.files=[{listed}]", "evaluator.kind=synthetic", f"run_dir={run_dir}", "progress=false",
+            "artifacts=false", "n_trials=2", "study_name=hostile", *extra]
+
+
+@pytest.mark.skipif(not HAS_SEARCH, reason="astolfo_opt/commands/search.py has not landed yet")
+def test_search_cli_refuses_each_hostile_file(corpus):
+    """``astolfo-opt search pool.files=[good, HOSTILE]``: one line naming the file, exit 2, no study created."""
+    root = corpus["root"]
+    cases = {c: h for c, h in corpus["files"].items() if c != "wrong_shape"}  # see test_search_pool_refuses_wrong_shapes
+    run_dir = root / "search_run"  # shared: the valid model's facts are cached there once
+    # hostile first: the pool scan stops there without re-hashing the valid model in every call
+    jobs = [{"id": c, "argv": search_argv([h.path, corpus["valid"]], run_dir)} for c, h in cases.items()]
+    res = run_driver(jobs, root)
+    for case, h in cases.items():
+        expect = (*h.expect, "not found") if case == "directory" else h.expect  # the pool check calls it a missing file
+        assert_refusal(res[case], h.path, expect, "search")
+    made = sorted(p.name for p in run_dir.rglob("*") if p.is_file() and "hydra" not in p.parts) if run_dir.exists() else []
+    assert not [m for m in made if m.endswith((".db", ".log", ".safetensors")) or PARTIAL_MARK in m], made
+    assert not corpus["marker"].exists()
+
+
 def _search_pool_api():
     try:
         from astolfo_opt.search.pool import resolve_pool
@@ -266,7 +294,7 @@ def test_search_pool_refuses_each_hostile_file(corpus, tmp_path):
         if case == "wrong_shape":
             continue  # its own test below
         try:
-            resolve_pool({"files": [str(corpus["valid"]), str(h.path)]}, cache_file=tmp_path / "facts.json")
+            resolve_pool({"files": [str(h.path), str(corpus["valid"])]}, cache_file=tmp_path / "facts.json")
         except AstolfoError as e:
             msg = str(e)
             if h.path.name not in msg and h.path.stem not in msg:
@@ -299,8 +327,9 @@ def test_search_pool_refuses_mixed_and_non_finite(corpus, tmp_path):
     if resolve_pool is None:
         pytest.skip("astolfo_opt.search.pool.resolve_pool has not landed yet")
     mixed = hostile.write_mixed_pool(tmp_path / "mixed")
-    with pytest.raises(AstolfoError, match="(?i)architecture|sdxl"):
+    with pytest.raises(AstolfoError, match="(?i)architecture|sdxl") as ei:
         resolve_pool({"files": [str(p) for p in mixed]}, cache_file=tmp_path / "c1.json")
+    assert "mix_sd" in str(ei.value), f"the mixed-pool error must name the odd model(s) so the user can exclude them: {ei.value}"
     nan = hostile.write_non_finite(tmp_path / "nan_model.safetensors", "nan")
     with pytest.raises(AstolfoError, match="nan_model"):
         resolve_pool({"files": [str(corpus["valid"]), str(nan)]}, cache_file=tmp_path / "c2.json")

@@ -127,6 +127,11 @@ class CheckpointReader:
         """The tensor as stored (CPU). May share memory with the file mapping: treat it as read-only."""
         raise NotImplementedError
 
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A private copy of ``key`` (safe to keep or modify)."""
+        t = self.get(key)
+        return out.view(t.shape).copy_(t) if out is not None else t.clone()
+
     def close(self) -> None:
         pass
 
@@ -163,6 +168,7 @@ class SafetensorsReader(CheckpointReader):
         self.metadata = header.pop("__metadata__")
         self._header: dict[str, Any] = header
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
         self._infos = {
             k: TensorInfo(ST_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"][1] - e["data_offsets"][0])
             for k, e in header.items()
@@ -193,6 +199,26 @@ class SafetensorsReader(CheckpointReader):
             flat = torch.frombuffer(self._map(), dtype=info.dtype, count=_numel(info.shape), offset=begin)
         return flat.view(info.shape)
 
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A private copy of ``key`` read with ``pread`` (no mapping: file pages do not count towards RSS, so a merge
+        over many large files keeps a bounded footprint). ``out`` (e.g. a pinned staging buffer of the right dtype and
+        size) is filled instead of allocating."""
+        info = self._infos[key]
+        begin = self._header[key]["data_offsets"][0] + self._data_start
+        t = out if out is not None else torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:
+            return t
+        buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.dim() else memoryview(t.reshape(1).view(torch.uint8).numpy())
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        got = 0
+        while got < info.nbytes:
+            n = os.preadv(self._fd, [buf[got:info.nbytes]], begin + got)
+            if n <= 0:
+                raise CheckpointError(self.path, f"truncated file: could not read tensor {key}")
+            got += n
+        return t.view(info.shape)
+
     def raw_bytes(self, key: str) -> memoryview:
         """The stored bytes of ``key`` (for hashing without dtype conversion)."""
         begin, end = self._header[key]["data_offsets"]
@@ -201,6 +227,9 @@ class SafetensorsReader(CheckpointReader):
     def close(self) -> None:
         # tensors handed out may still view the map; let the GC unmap it when the last one is gone
         self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -79,6 +79,7 @@ def _add_file_log(run_dir: Path) -> logging.Handler | None:
 
 def run_search(cfg: Any) -> SearchResult:
     """Run (or resume / join) the study described by ``cfg``; returns a summary."""
+    import optuna
     from optuna.trial import TrialState
 
     from astolfo_opt.search.evaluator import build_evaluator
@@ -87,8 +88,6 @@ def run_search(cfg: Any) -> SearchResult:
     from astolfo_opt.search.progress import TrialProgress
     from astolfo_opt.search.space import SearchSpace
     from astolfo_opt.search.study import enqueue_warm_starts, make_pruner, make_sampler, make_storage, open_study, run_trials
-
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from TrialProgress instead
     study_name = str(section(cfg, "study_name") or "default")
@@ -166,7 +165,8 @@ def run_search(cfg: Any) -> SearchResult:
             progress.close()
             evaluator.close()
         wall = time.perf_counter() - t0
-        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == objective.identity]
+        ran = set(objective.numbers)
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number in ran]
         split = {"merge": 0.0, "render": 0.0, "score": 0.0, "other": 0.0, "total": 0.0}
         for t in mine:
             tm = t.user_attrs.get("time") or {}

@@ -138,6 +138,28 @@ class TeeSink:
             s.end()
 
 
+def make_merger(device: str, out_dtype):
+    """The IncrementalMerger (only changed components re-merged); a full-merge stand-in with the same interface when
+    the incremental module is not installed."""
+    try:
+        from astolfo_opt.merge.incremental import IncrementalMerger
+    except ImportError:
+        return _FullMerger(device, out_dtype)
+    return IncrementalMerger(device=device, out_dtype=out_dtype)
+
+
+class _FullMerger:
+    def __init__(self, device: str, out_dtype):
+        self.device, self.out_dtype = device, out_dtype
+        self.last_changed: list[str] = []
+
+    def merge(self, recipe, sink, *, force: bool = False):
+        from astolfo_opt.merge.kernel import merge
+
+        self.last_changed = sorted(recipe.components)
+        return merge(recipe, sink, device=self.device, out_dtype=self.out_dtype)
+
+
 # ------------------------------------------------------------------------------------------------ synthetic
 class SyntheticEvaluator(Evaluator):
     """A deterministic stand-in for render + score, for tests of the study machinery.
@@ -226,7 +248,6 @@ class OracleEvaluator(Evaluator):
     def __init__(self, space: SearchSpace, target: Mapping[str, Any] | Candidate, device: str = "auto", out_dtype: str = "fp32"):
         import torch
 
-        from astolfo_opt.merge.incremental import IncrementalMerger
         from astolfo_opt.merge.kernel import merge
         from astolfo_opt.merge.sinks import CollectSink
 
@@ -244,7 +265,7 @@ class OracleEvaluator(Evaluator):
         d = _DistanceSink(self.arch, self.target)
         merge(uni.recipe(), d, device=device, out_dtype=dt, components=comps)
         self.norm = math.sqrt(sum(d.dist2.values())) or 1.0
-        self.merger = IncrementalMerger(device=device, out_dtype=dt)
+        self.merger = make_merger(device, dt)
         self.dist = _DistanceSink(self.arch, self.target)
         self.hasher = HashingSink(self.arch)
         self.names = ["oracle"]
@@ -275,7 +296,6 @@ class PipelineEvaluator(Evaluator):
                  dtype: str | None = None):
         import torch
 
-        from astolfo_opt.merge.incremental import IncrementalMerger
         from astolfo_opt.render.pipeline import build_pipeline
         from astolfo_opt.render.prompts import load_prompt_set
         from astolfo_opt.render.settings import RenderSettings
@@ -308,7 +328,7 @@ class PipelineEvaluator(Evaluator):
                                    dtype=(None if dtype in (None, "auto") else {"fp32": torch.float32, "fp16": torch.float16,
                                                                                   "bf16": torch.bfloat16}[dtype]))
         self.build_seconds = time.perf_counter() - t0
-        self.merger = IncrementalMerger(device=device, out_dtype=dt)
+        self.merger = make_merger(device, dt)
         self.hasher = HashingSink(pool.arch) if hash_tensors else None
 
     def describe(self) -> str:

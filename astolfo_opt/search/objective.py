@@ -67,7 +67,8 @@ class TrialObjective:
         self.reuse_duplicates = reuse_duplicates
         self.title = title
         self.identity = worker_identity()
-        self.evaluations = 0  # evaluator runs by this process (cached duplicates not counted)
+        self.evaluations = 0  # evaluator runs by this objective (cached duplicates not counted)
+        self.numbers: list[int] = []  # trials this objective ran (surplus ones excluded)
 
     def _check_surplus(self, trial: optuna.Trial) -> None:
         if self.n_trials is None:
@@ -86,6 +87,7 @@ class TrialObjective:
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         t_start = time.perf_counter()
         self._check_surplus(trial)
+        self.numbers.append(trial.number)
         trial.set_user_attr("worker", self.identity)
         trial.set_user_attr("heartbeat", time.time())
         cand = self.space.suggest(trial)

@@ -131,7 +131,8 @@ def _facts_via_inspect(path: Path) -> ModelFacts | None:
     for f in getattr(rep, "findings", []):
         if str(getattr(f, "kind", "")).lower() in ("nan", "inf", "nonfinite", "non_finite", "non-finite"):
             nonfinite.setdefault(f.component or "?", []).append(f.key or "?")
-    return ModelFacts(rep.name, str(Path(rep.path).resolve()), rep.arch, rep.size, dict(rep.component_hashes), nonfinite)
+    size = rep.size if rep.size in ("full", "tiny") else None
+    return ModelFacts(rep.name, str(Path(rep.path).resolve()), rep.arch, size, dict(rep.component_hashes), nonfinite)
 
 
 def _cache_key(path: Path) -> str:

@@ -99,18 +99,10 @@ class Candidate:
 
 
 def spec_to_recipe(spec: Mapping[str, Any]):
-    """Build a merge Recipe from a spec dict (the schema of CONTRACTS.md; keys mirror the dataclass fields)."""
-    from astolfo_opt.merge.recipe import ComponentRecipe, Member, Recipe
+    """The :class:`astolfo_opt.merge.recipe.Recipe` of a spec (the spec is the recipe's own dict form)."""
+    from astolfo_opt.merge.recipe import Recipe
 
-    comps = {}
-    for comp, c in spec["components"].items():
-        kw: dict[str, Any] = {"method": c["method"], "members": [Member(m["model"], float(m["weight"])) for m in c["members"]]}
-        for k in ("alpha", "anchor", "alpha_default", "block_weights"):
-            if c.get(k) is not None:
-                kw[k] = c[k]
-        comps[comp] = ComponentRecipe(**kw)
-    return Recipe(models=dict(spec["models"]), base=spec.get("base"), arch=spec.get("arch"), components=comps,
-                  nan_policy=spec.get("nan_policy", "error"), time_embed_block=spec.get("time_embed_block", "IN00"))
+    return Recipe.from_dict(spec)
 
 
 class SearchSpace:

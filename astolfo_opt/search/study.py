@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from optuna.trial import TrialState
 from astolfo_opt.errors import ConfigError
 
 log = logging.getLogger("astolfo_opt.search")
+# group / heartbeat / QMC are stable enough for our use; the warnings would drown the progress output
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
@@ -177,10 +180,10 @@ def fail_dead_trials(study: optuna.Study, grace_period: float = 300.0) -> list[i
             dead = now - float(last) > grace_period
         if dead:
             try:
+                study._storage.set_trial_user_attr(t._trial_id, "failed_reason", "worker died (killed or crashed) while running")
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except Exception:  # another worker finished / failed it in between
                 continue
-            study._storage.set_trial_user_attr(t._trial_id, "failed_reason", "worker died (killed or crashed) while running")
             failed.append(t.number)
     if failed:
         log.warning("marked trials %s FAIL: their worker died mid-trial", failed)

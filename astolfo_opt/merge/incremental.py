@@ -1,0 +1,235 @@
+"""Incremental merges for the trial loop: a recipe that differs from the previous one by k models reads k models.
+
+For a ``weighted_average`` component (the ensemble, with or without an MBW anchor) the merger keeps, per key, the
+fp32 running sum ``S = Σ wᵢθᵢ`` and the weight total ``W`` of the included members, plus the anchor's tensor. A new
+recipe changes some (model, block) weights by Δ: only those models are read, only for keys of those blocks, and
+``S += Δ·θ``. The output is ``θ_b = (1-α_b)·anchor + α_b·S/W``, so an α change reads nothing. Other methods
+(weighted_sum, add_difference, copy: the pairwise AutoMBW space) cache their members' tensors, so α changes are free
+too. Components whose recipe did not change are not emitted at all. Caches live on the merge device (host RAM or
+GPU) within ``budget_bytes``; a component that does not fit is merged from scratch. Sums are rebuilt from scratch
+every ``refresh_every`` updates, bounding fp32 drift.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from astolfo_opt.checkpoint.layout import block_of
+from astolfo_opt.merge.kernel import (
+    KeyComputer,
+    MergeSink,
+    MergeStats,
+    ModelSet,
+    PlannedTensor,
+    layout_for,
+    parse_dtype,
+    plan_output,
+    resolve_device,
+    run_plan,
+)
+from astolfo_opt.merge.recipe import ComponentRecipe, Recipe
+
+
+@dataclass
+class _EnsembleCache:
+    weights: dict[tuple[str, str], float] = field(default_factory=dict)  # (model, block) -> weight in S
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
+    anchor_name: str | None = None
+    anchors: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    updates: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class _CompState:
+    hash: str
+    models_key: tuple
+    ensemble: _EnsembleCache | None = None
+
+
+class IncrementalMerger:
+    def __init__(self, device: str | torch.device = "auto", budget_bytes: int | None = None,
+                 out_dtype: str | torch.dtype = torch.float16, threads: int | None = None, refresh_every: int = 64):
+        self.device = resolve_device(device)
+        self.out_dtype = parse_dtype(out_dtype)
+        self.threads = threads
+        self.refresh_every = refresh_every
+        if budget_bytes is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget_bytes = int(free * 0.5)
+            else:
+                budget_bytes = int(psutil.virtual_memory().available * 0.5)
+        self.budget_bytes = budget_bytes
+        self._models: ModelSet | None = None
+        self._models_key: tuple | None = None
+        self._state: dict[str, _CompState] = {}
+        self._raw: dict[tuple[str, str], torch.Tensor] = {}  # (model, key) -> tensor, for non-ensemble methods
+        self._raw_bytes = 0
+        self.last_changed: list[str] = []
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def _model_set(self, recipe: Recipe) -> ModelSet:
+        key = tuple(sorted(recipe.models.items()))
+        if self._models is None or self._models_key != key:
+            if self._models is not None:
+                self._models.close()
+            self._models = ModelSet(recipe.models, recipe.arch)
+            self._models_key = key
+            self._state.clear()
+            self._raw.clear()
+            self._raw_bytes = 0
+        return self._models
+
+    def used_bytes(self) -> int:
+        return self._raw_bytes + sum(s.ensemble.nbytes for s in self._state.values() if s.ensemble)
+
+    def close(self) -> None:
+        if self._models is not None:
+            self._models.close()
+        self._models = None
+        self._state.clear()
+        self._raw.clear()
+
+    # -- the trial-loop entry point --------------------------------------------------------------------------
+    def merge(self, recipe: Recipe, sink: MergeSink, *, force: bool = False, progress: bool = False) -> MergeStats:
+        t0 = time.perf_counter()
+        recipe.validate()
+        ms = self._model_set(recipe)
+        layout = layout_for(ms)
+        comps = layout.components
+        changed = [c for c in comps if force or c not in self._state or self._state[c].hash != recipe.component_hash(c)]
+        self.last_changed = changed
+        plan = plan_output(recipe, ms, layout, self.out_dtype, changed) if changed else []
+        kcs = []
+        by_comp: dict[str, list[PlannedTensor]] = {}
+        for pt in plan:
+            by_comp.setdefault(pt.component, []).append(pt)
+        computers = {}
+        for comp in changed:
+            cr = recipe.components.get(comp)
+            kc = KeyComputer(recipe, ms, layout, self.device)  # one per component: stats and load hooks stay separate
+            kcs.append(kc)
+            computers[comp] = self._prepare(comp, cr, recipe, kc, by_comp.get(comp, []))
+
+        def compute(pt: PlannedTensor) -> torch.Tensor:
+            t = computers[pt.component](pt)
+            return t.to(pt.dtype) if t.dtype != pt.dtype else t
+
+        n = run_plan(plan, compute, sink, threads=self.threads, progress=progress, desc="merge (incremental)") if plan else 0
+        for comp in changed:
+            self._state[comp].hash = recipe.component_hash(comp)
+        return MergeStats(models=len(ms.paths), keys=n, seconds=time.perf_counter() - t0,
+                          bytes_read=sum(k.bytes_read for k in kcs), tensors_read=sum(k.tensors_read for k in kcs),
+                          components=changed, models_read=set().union(*(k.models_read for k in kcs)) if kcs else set())
+
+    # -- per component strategies ----------------------------------------------------------------------------
+    def _prepare(self, comp: str, cr: ComponentRecipe | None, recipe: Recipe, kc: KeyComputer, plan: list[PlannedTensor]):
+        state = self._state.get(comp)
+        if state is None:
+            state = self._state[comp] = _CompState(hash="", models_key=self._models_key or ())
+        keys = [pt for pt in plan if not pt.key.endswith("position_ids")]
+        if cr is not None and cr.method == "weighted_average":
+            need = sum(_numel(pt.shape) for pt in keys) * 4 * (2 if cr.anchor else 1)
+            have = state.ensemble.nbytes if state.ensemble else 0
+            if self.used_bytes() - have + need <= self.budget_bytes:
+                return self._ensemble(state, cr, recipe, kc, keys)
+            state.ensemble = None  # does not fit: from scratch every time
+        elif cr is not None:
+            return self._cached_members(cr, kc)
+        return lambda pt: kc.compute(pt.key, pt.component)
+
+    def _ensemble(self, state: _CompState, cr: ComponentRecipe, recipe: Recipe, kc: KeyComputer, keys: list[PlannedTensor]):
+        arch = kc.models.arch
+        ens = state.ensemble
+        if ens is None or ens.updates >= self.refresh_every:
+            ens = state.ensemble = _EnsembleCache()
+        new_w = {}
+        blocks = {pt.key: block_of(arch, pt.key, recipe.time_embed_block) for pt in keys}
+        names = sorted({m.model for m in cr.members} | {m for m, _ in ens.weights})
+        for b in set(blocks.values()):
+            for m in names:
+                w = cr.weight_for(m, b) if any(x.model == m for x in cr.members) else 0.0
+                if w:
+                    new_w[(m, b)] = w
+        delta = {mb: new_w.get(mb, 0.0) - ens.weights.get(mb, 0.0) for mb in set(new_w) | set(ens.weights)}
+        delta = {mb: d for mb, d in delta.items() if d != 0.0}
+        anchor_changed = cr.anchor != ens.anchor_name
+        ens.updates += 1
+        ens.weights = new_w
+        ens.anchor_name = cr.anchor
+        if anchor_changed:
+            ens.anchors = {}
+
+        def compute(pt: PlannedTensor) -> torch.Tensor:
+            key, block = pt.key, blocks[pt.key]
+            s = ens.sums.get(key)
+            total = ens.totals.get(key, 0.0)
+            for m in names:
+                d = delta.get((m, block))
+                if not d:
+                    continue
+                t = kc.load(m, key)
+                if t is None or not kc.finite_or_policy(m, key, t):
+                    continue
+                if s is None:
+                    s = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+                    ens.nbytes += s.numel() * 4
+                s.add_(t, alpha=d)
+                total += d
+            if s is not None:
+                ens.sums[key] = s
+            ens.totals[key] = total
+            if s is None or abs(total) < 1e-12:
+                out = kc._from_base(key)
+                if out is None:
+                    raise RuntimeError(f"no member or base provides {key}")
+            else:
+                out = s / total
+            if cr.anchor is not None:
+                a = cr.alpha_for(block)
+                if key not in ens.anchors:
+                    anc = kc.load(cr.anchor, key)
+                    if anc is not None and not kc.finite_or_policy(cr.anchor, key, anc):
+                        anc = None
+                    if anc is None:
+                        anc = kc._from_base(key)
+                    anc = anc.to(torch.float32) if anc is not None else None
+                    ens.anchors[key] = anc
+                    ens.nbytes += anc.numel() * 4 if anc is not None else 0
+                anc = ens.anchors[key]
+                if anc is not None and a != 1.0:
+                    out = out.mul_(a).add_(anc, alpha=1.0 - a) if out is not s else out * a + anc * (1.0 - a)
+            return out
+
+        return lambda pt: kc.compute(pt.key, pt.component) if pt.key.endswith("position_ids") else compute(pt)
+
+    def _cached_members(self, cr: ComponentRecipe, kc: KeyComputer):
+        """weighted_sum / add_difference / copy: keep members' tensors so α changes read nothing."""
+        raw, merger = self._raw, self
+        original_load = kc.load
+
+        def cached_load(model: str, key: str) -> torch.Tensor | None:
+            hit = raw.get((model, key))
+            if hit is not None:
+                return hit
+            t = original_load(model, key)
+            if t is not None and merger.used_bytes() + t.numel() * t.element_size() <= merger.budget_bytes:
+                raw[(model, key)] = t
+                merger._raw_bytes += t.numel() * t.element_size()
+            return t
+
+        kc.load = cached_load  # type: ignore[method-assign]
+        return lambda pt: kc.compute(pt.key, pt.component)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,135 @@
+"""Where merged tensors go: a streaming ``.safetensors`` file, a dict, nowhere (timing), or a hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from astolfo_opt import __version__
+from astolfo_opt.checkpoint.writer import SafetensorsWriter, clean_stale_partials
+from astolfo_opt.merge.kernel import PlannedTensor
+from astolfo_opt.merge.recipe import Recipe
+
+
+def merge_metadata(recipe: Recipe, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """Provenance stored in an exported checkpoint: our recipe, A1111's merge fields, tool version, caller extras."""
+    meta = {
+        "recipe": recipe.to_json(),
+        "recipe_hash": recipe.hash(),
+        "sd_merge_recipe": json.dumps(recipe.a1111_recipe(), sort_keys=True),
+        "sd_merge_models": json.dumps({Path(p).name: {"name": n, "legacy_hash": None, "sd_merge_recipe": None}
+                                       for n, p in sorted(recipe.models.items())}, sort_keys=True),
+        "astolfo_opt_version": __version__,
+        "format": "pt",
+    }
+    for k, v in (extra or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    return meta
+
+
+class SafetensorsSink:
+    """Stream the merge into ``path``: header from the plan up front, tensors written as produced, temp + rename."""
+
+    def __init__(self, path: str | Path, metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self._writer: SafetensorsWriter | None = None
+        clean_stale_partials(self.path.parent)
+
+    def begin(self, plan: list[PlannedTensor]) -> None:
+        self._writer = SafetensorsWriter(self.path, [(p.key, p.dtype, p.shape) for p in plan], self.metadata)
+
+    def consume(self, key: str, tensor: torch.Tensor) -> None:
+        assert self._writer is not None
+        self._writer.write(key, tensor)
+
+    def end(self) -> None:
+        assert self._writer is not None
+        self._writer.commit()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+
+class CollectSink:
+    """Keep every tensor (on CPU) in ``.tensors``: tests and small merges."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.plan: list[PlannedTensor] = []
+
+    def begin(self, plan: list[PlannedTensor]) -> None:
+        self.plan = list(plan)
+
+    def consume(self, key: str, tensor: torch.Tensor) -> None:
+        self.tensors[key] = tensor.detach().to("cpu", copy=True)
+
+    def end(self) -> None:
+        pass
+
+
+class NullSink:
+    """Discard everything: measures pure merge compute."""
+
+    def begin(self, plan: list[PlannedTensor]) -> None:
+        self.count = 0
+
+    def consume(self, key: str, tensor: torch.Tensor) -> None:
+        self.count += 1
+
+    def end(self) -> None:
+        pass
+
+
+def tensor_digest(h: hashlib._Hash, key: str, tensor: torch.Tensor) -> None:
+    """Feed one tensor (key, dtype, shape, bytes) into a running hash - the same bytes a file would hold."""
+    t = tensor.detach().to("cpu").contiguous()
+    h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+    raw = t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
+    h.update(raw.numpy().tobytes())
+
+
+class HashingSink:
+    """Tee every tensor to an inner sink (optional) and a sha256 over keys + bytes, so a trial's merge and a later
+    export can be proven identical. Components arrive separately in the trial loop, so hashes are kept per
+    component and combined in component order."""
+
+    def __init__(self, inner=None, component_of=None):
+        self.inner = inner
+        self._component_of = component_of
+        self.component_hashes: dict[str, str] = {}
+        self._h: dict[str, hashlib._Hash] = {}
+        self._plan_comp: dict[str, str] = {}
+
+    def begin(self, plan: list[PlannedTensor]) -> None:
+        self._plan_comp = {p.key: p.component for p in plan}
+        self._h = {}
+        if self.inner is not None:
+            self.inner.begin(plan)
+
+    def consume(self, key: str, tensor: torch.Tensor) -> None:
+        comp = self._plan_comp.get(key, "other")
+        tensor_digest(self._h.setdefault(comp, hashlib.sha256()), key, tensor)
+        if self.inner is not None:
+            self.inner.consume(key, tensor)
+
+    def end(self) -> None:
+        for comp, h in self._h.items():
+            self.component_hashes[comp] = h.hexdigest()
+        if self.inner is not None:
+            self.inner.end()
+
+    def abort(self) -> None:
+        abort = getattr(self.inner, "abort", None)
+        if abort:
+            abort()
+
+    def digest(self, components: list[str] | None = None) -> str:
+        """Combined hash of the merge components seen so far (pass-through keys excluded)."""
+        comps = components or sorted(c for c in self.component_hashes if c in ("unet", "te0", "te1", "vae"))
+        return hashlib.sha256("|".join(f"{c}:{self.component_hashes[c]}" for c in comps).encode()).hexdigest()

@@ -1,0 +1,120 @@
+"""Export a trial as a ``.safetensors`` checkpoint, re-merged with the streaming writer, and prove it is the same merge.
+
+The recipe stored with the trial (user attr ``recipe``) is merged again by the kernel straight into
+``SafetensorsSink`` (temp file + rename), tee'd into a :class:`HashingSink`. The per-component hashes must equal the
+ones recorded while the trial was rendered and scored (``component_hashes``); otherwise the pool files changed since
+the study (or the merge ran on another device kind / dtype) and the export is refused (``verify=False`` skips the
+check). Metadata: the recipe, study, trial number, params, values, per-scorer scores, scorer names and the prompt-set
+hash, beside what the merge sink adds itself (A1111 ``sd_merge_*`` keys).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from astolfo_opt.errors import AstolfoError, ConfigError
+
+DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    study: str
+    trial: int
+    values: list[float] | None
+    component_hashes: dict[str, str]
+    verified: bool
+    metadata: dict[str, str]
+
+
+def select_trial(study: optuna.Study, which: str | int = "best") -> optuna.trial.FrozenTrial:
+    """``best`` (single objective: best value; multi-objective: the first Pareto trial) or a trial number."""
+    if str(which) == "best":
+        try:
+            if len(study.directions) > 1:
+                best = sorted(study.best_trials, key=lambda t: t.number)
+                if not best:
+                    raise ValueError
+                return best[0]
+            return study.best_trial
+        except ValueError:
+            raise ConfigError(f"study {study.study_name!r} has no completed trial yet (run the search first)") from None
+    try:
+        n = int(which)
+    except ValueError:
+        raise ConfigError(f"--trial {which!r}: give best or a trial number") from None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if n not in trials:
+        raise ConfigError(f"study {study.study_name!r} has no trial {n} (trials 0..{max(trials, default=-1)})")
+    t = trials[n]
+    if "recipe" not in t.user_attrs:
+        raise ConfigError(f"trial {n} has no recorded recipe (state {t.state.name}); pick a completed trial")
+    return t
+
+
+def trial_metadata(study: optuna.Study, t: optuna.trial.FrozenTrial) -> dict[str, str]:
+    ua = t.user_attrs
+    meta = {
+        "astolfo_opt_study": study.study_name,
+        "astolfo_opt_trial": str(t.number),
+        "astolfo_opt_state": t.state.name,
+        "astolfo_opt_params": json.dumps(t.params, sort_keys=True),
+        "astolfo_opt_values": json.dumps(t.values if t.values is not None else ua.get("running_values")),
+        "astolfo_opt_objectives": json.dumps(ua.get("objective_names")),
+        "astolfo_opt_scores": json.dumps(ua.get("scores", {}), sort_keys=True),
+        "astolfo_opt_scorers": json.dumps(ua.get("scorer_names", [])),
+        "astolfo_opt_prompt_set_hash": str(ua.get("prompt_set_hash")),
+        "astolfo_opt_recipe_hash": str(ua.get("recipe_hash")),
+        "astolfo_opt_tensor_hash": str(ua.get("tensor_hash")),
+    }
+    return meta
+
+
+def export_trial(storage: Any, study_name: str, out: str | Path, *, trial: str | int = "best", device: str = "auto",
+                 verify: bool = True) -> ExportResult:
+    """Re-merge a trial's recipe into ``out`` (streaming, atomic) and check the tensor hashes against the trial's."""
+    import torch
+
+    try:
+        from astolfo_opt.merge.kernel import merge
+        from astolfo_opt.merge.sinks import SafetensorsSink, merge_metadata
+    except ImportError as e:
+        raise AstolfoError(f"export needs the merge kernel (astolfo_opt.merge): {e}") from None
+    from astolfo_opt.search.evaluator import HashingSink, TeeSink
+    from astolfo_opt.search.space import spec_to_recipe
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ConfigError(f"no study {study_name!r} in this storage (studies: {', '.join(names) or 'none'})") from None
+    t = select_trial(study, trial)
+    if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise ConfigError(f"trial {t.number} is {t.state.name}; export a COMPLETE (or PRUNED) trial")
+    spec = json.loads(t.user_attrs["recipe"])
+    for name, p in spec["models"].items():
+        if not Path(p).is_file():
+            raise ConfigError(f"model {name} of trial {t.number} is gone: {p} (restore the pool file to export)")
+    recipe = spec_to_recipe(spec)
+    out = Path(out)
+    meta = trial_metadata(study, t)
+    dtype = getattr(torch, DTYPES[str(t.user_attrs.get("out_dtype", "fp16"))])
+    hasher = HashingSink(spec["arch"])
+    merge(recipe, TeeSink(SafetensorsSink(out, merge_metadata(recipe, meta)), hasher), device=device, out_dtype=dtype)
+    recorded = t.user_attrs.get("component_hashes") or {}
+    verified = False
+    if verify and recorded:
+        bad = [c for c, h in recorded.items() if hasher.hashes.get(c) != h]
+        if bad:
+            out.unlink(missing_ok=True)
+            raise AstolfoError(f"export of trial {t.number}: merged {', '.join(bad)} differ from what the trial scored "
+                               "(pool files changed, or another device/dtype); no file written (--no-verify to export anyway)")
+        verified = True
+    return ExportResult(out, study_name, t.number, list(t.values) if t.values else None, dict(hasher.hashes), verified, meta)
