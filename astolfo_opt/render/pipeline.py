@@ -1,0 +1,289 @@
+"""The offline renderer: a diffusers pipeline built once per study, whose weights are swapped in place per trial.
+
+Why build modules ourselves instead of ``from_single_file``: the same traced key map (``swap.py``) that loads the
+base checkpoint also serves every later swap, so the swap path is exercised by every build; modules are created on
+the ``meta`` device and their parameters assigned straight from the (memory-mapped) file, so a full-size build never
+pays for a random initialisation. Configs come from the shipped folders (``configs/<variant>[-tiny]/``) and the
+tokenizer from open_clip's BPE file: nothing touches the network (``HF_HUB_OFFLINE=1`` is set defensively too).
+``config_dir()`` materialises a complete folder for ``from_single_file(path, config=DIR, local_files_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # defensive: every load below is local already
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from astolfo_opt.checkpoint.io import open_checkpoint  # noqa: E402
+from astolfo_opt.checkpoint.layout import canonical_key, detect_architecture, detect_size, get_layout  # noqa: E402
+from astolfo_opt.errors import CheckpointError, ConfigError  # noqa: E402
+from astolfo_opt.render.make_configs import VARIANTS, folder_name  # noqa: E402
+from astolfo_opt.render.prompts import Prompt  # noqa: E402
+from astolfo_opt.render.settings import SCHEDULERS, RenderSettings  # noqa: E402
+from astolfo_opt.render.swap import KeyMap, Rule, SwapSink, key_map  # noqa: E402
+from astolfo_opt.render.tokenizer import cache_root, load_tokenizer, vocab_dir  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: merge component -> diffusers pipeline attribute
+MODULE_OF = {"unet": "unet", "te0": "text_encoder", "te1": "text_encoder_2", "vae": "vae"}
+DEFAULT_VARIANT = {"sd1": "sd1", "sdxl": "sdxl"}
+
+
+def resolve_variant(arch: str, variant: str | None, path: str | Path = "checkpoint", config_key: str = "pool.variant") -> str:
+    """The render variant for a file of ``arch``; SD2 must be told (v-prediction 768-v vs epsilon 512-base)."""
+    if variant in (None, "", "auto"):
+        if arch == "sd2":
+            raise ConfigError(f"{path}: SD2 checkpoints are either v-prediction (768-v) or epsilon (512-base) and the file "
+                              f"does not say which: set {config_key}=sd2-v or {config_key}=sd2-eps")
+        return DEFAULT_VARIANT[arch]
+    if variant not in VARIANTS:
+        raise ConfigError(f"{config_key}={variant!r} is unknown; use one of {', '.join(VARIANTS)}")
+    if VARIANTS[variant][0] != arch:
+        raise ConfigError(f"{config_key}={variant!r} is for {VARIANTS[variant][0]} but {path} is an {arch} checkpoint")
+    return variant
+
+
+def _config_folder(variant: str, size: str):
+    return resources.files("astolfo_opt.render").joinpath("configs", folder_name(variant, size))
+
+
+def load_config(variant: str, size: str, sub: str) -> dict[str, Any]:
+    """One shipped config (``unet/config.json``, ``scheduler/scheduler_config.json``...) as a dict."""
+    return json.loads(_config_folder(variant, size).joinpath(sub).read_text())
+
+
+def config_dir(variant: str, size: str = "full") -> Path:
+    """A complete diffusers config folder (shipped JSON + generated tokenizer vocab) in the cache, for
+    ``from_single_file(path, config=DIR, local_files_only=True)``. Content-addressed, built once."""
+    src = Path(str(_config_folder(variant, size)))
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(src)).encode() + b"\0" + p.read_bytes())
+    target = cache_root() / "diffusers-configs" / f"{folder_name(variant, size)}-{h.hexdigest()[:12]}"
+    if (target / ".complete").is_file():
+        return target
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    vocab = vocab_dir()
+    for tok in ("tokenizer", "tokenizer_2"):
+        if (tmp / tok).is_dir():
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(vocab / name, tmp / tok / name)
+    (tmp / ".complete").write_text("ok\n")
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is not supported: use auto, cpu or cuda (cuda:N)")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was requested but CUDA is not available (use device=auto or cpu)")
+    return d
+
+
+def _build_modules(arch: str, variant: str, size: str) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    mods: dict[str, torch.nn.Module] = {}
+    with torch.device("meta"):
+        mods["unet"] = UNet2DConditionModel.from_config(load_config(variant, size, "unet/config.json"))
+        mods["vae"] = AutoencoderKL.from_config(load_config(variant, size, "vae/config.json"))
+        for comp, sub in (("te0", "text_encoder"), ("te1", "text_encoder_2")):
+            if comp == "te1" and arch != "sdxl":
+                continue
+            cfg = load_config(variant, size, f"{sub}/config.json")
+            cls = CLIPTextModelWithProjection if cfg["architectures"][0] == "CLIPTextModelWithProjection" else CLIPTextModel
+            cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
+            mods[comp] = cls(CLIPTextConfig(**cfg))
+    return mods
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor, param: bool) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if param:
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+class RenderPipeline:
+    """A resident diffusers pipeline plus the parameter map that lets merged weights be swapped in place."""
+
+    def __init__(self, pipe: Any, modules: dict[str, torch.nn.Module], maps: dict[str, KeyMap], *, arch: str, variant: str,
+                 size: str, device: torch.device, dtype: torch.dtype, checkpoint: Path, filled: list[str]):
+        self.pipe = pipe
+        self.modules = modules
+        self.maps = maps
+        self.arch, self.variant, self.size = arch, variant, size
+        self.device, self.dtype = device, dtype
+        self.checkpoint = checkpoint
+        #: optional keys the base file lacked, zero-filled at build (a swap that emits them overwrites them)
+        self.filled = filled
+        self._targets: dict[str, list[tuple[torch.nn.Parameter, Rule]]] = {}
+        for comp, km in maps.items():
+            params = dict(modules[comp].named_parameters())
+            for key, rules in km.rules.items():
+                self._targets[key] = [(params[r.target], r) for r in rules]
+        self._component_keys = {comp: set(km.rules) for comp, km in maps.items()}
+        self._scheduler_config = dict(pipe.scheduler.config)
+        self._schedulers: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"RenderPipeline({self.variant!r}, size={self.size!r}, device={self.device}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------------------------------------- weights
+    def swap_sink(self) -> SwapSink:
+        """A merge sink writing canonical tensors into the live parameters (only the components it receives)."""
+        return SwapSink(self.arch, self._targets, self._component_keys)
+
+    def parameters_of(self, component: str) -> dict[str, torch.nn.Parameter]:
+        return dict(self.modules[component].named_parameters())
+
+    # ------------------------------------------------------------------------------------------------- render
+    def scheduler(self, name: str) -> Any:
+        """The diffusers scheduler for a settings name, built from the shipped scheduler config (cached)."""
+        if name not in self._schedulers:
+            if name not in SCHEDULERS:
+                raise ConfigError(f"render.scheduler={name!r} is unknown; use one of {', '.join(SCHEDULERS)}")
+            import diffusers
+
+            cls_name, extra = SCHEDULERS[name]
+            self._schedulers[name] = getattr(diffusers, cls_name).from_config(self._scheduler_config, **extra)
+        return self._schedulers[name]
+
+    def render_batches(self, prompts: Sequence[Prompt], settings: RenderSettings) -> Iterator[list[tuple[Prompt, Image.Image]]]:
+        """Render ``settings.batch_size`` prompts per pipeline call; each prompt's noise comes from a CPU generator
+        seeded with its own seed, so the noise does not depend on batch size, order or other prompts (images are
+        bit-identical for the same batch size; batching itself may change float rounding)."""
+        self.pipe.scheduler = self.scheduler(settings.scheduler)
+        prompts = list(prompts)
+        for i in range(0, len(prompts), settings.batch_size):
+            chunk = prompts[i:i + settings.batch_size]
+            kwargs: dict[str, Any] = dict(
+                prompt=[p.prompt for p in chunk], negative_prompt=[p.negative for p in chunk], width=settings.width,
+                height=settings.height, num_inference_steps=settings.steps, guidance_scale=float(settings.guidance_scale),
+                generator=[torch.Generator("cpu").manual_seed(int(p.seed)) for p in chunk], output_type="pil")
+            if settings.clip_skip:
+                kwargs["clip_skip"] = int(settings.clip_skip)
+            with torch.inference_mode():
+                images = self.pipe(**kwargs).images
+            yield list(zip(chunk, images, strict=True))
+
+    def render(self, prompts: Sequence[Prompt], settings: RenderSettings) -> list[Image.Image]:
+        return [img for batch in self.render_batches(prompts, settings) for _, img in batch]
+
+
+def build_pipeline(checkpoint: str | Path, *, variant: str | None = None, device: str | torch.device = "auto",
+                   dtype: torch.dtype | None = None, config_key: str = "pool.variant") -> RenderPipeline:
+    """Build the pipeline once from a local checkpoint (tiny or full picked from its shapes); no network.
+
+    ``dtype`` defaults to fp16 on CUDA and fp32 on CPU. Missing required weights raise a one-line
+    :class:`CheckpointError` naming the file; SD2 without ``variant`` raises a :class:`ConfigError` naming ``config_key``."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(path, "file not found", "give the path of a local .safetensors / .ckpt model")
+    dev = resolve_device(device)
+    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    reader = open_checkpoint(path)
+    try:
+        raw_keys = list(reader.keys())
+        arch = detect_architecture(raw_keys)
+        if arch is None:
+            raise CheckpointError(path, "not a Stable Diffusion checkpoint (no SD1 / SD2 / SDXL keys found)")
+        index = {canonical_key(arch, k): k for k in raw_keys}
+        size = detect_size(arch, {c: tuple(reader.info(r).shape) for c, r in index.items()})
+        if size is None:
+            raise CheckpointError(path, f"UNet shapes match no known {arch} size", "the renderer supports full-size SD1 / SD2 / SDXL")
+        variant = resolve_variant(arch, variant, path, config_key)
+        modules = _build_modules(arch, variant, size)
+        layout = get_layout(arch, size)
+        maps: dict[str, KeyMap] = {}
+        filled: list[str] = []
+        for comp, module in modules.items():
+            cfg = load_config(variant, size, f"{ {'te0': 'text_encoder', 'te1': 'text_encoder_2'}.get(comp, comp)}/config.json")
+            km = key_map(arch, comp, module, cfg)
+            maps[comp] = km
+            metas = dict(module.named_parameters())
+            missing = []
+            for key, rules in km.rules.items():
+                raw = index.get(key)
+                if raw is None:
+                    entry = layout.entries.get(key)
+                    if entry is not None and entry.optional:
+                        filled.append(key)
+                        for r in rules:
+                            _set_tensor(module, r.target, torch.zeros(metas[r.target].shape, dtype=dtype, device=dev), True)
+                        continue
+                    missing.append(key)
+                    continue
+                t = reader.get(raw)
+                for r in rules:
+                    shape = tuple(metas[r.target].shape)
+                    if t.numel() != r.source_numel(shape):
+                        raise CheckpointError(path, f"tensor {raw} has shape {tuple(t.shape)}, which does not fit {variant} "
+                                              f"({size}) {MODULE_OF[comp]}.{r.target} {shape}",
+                                              "is the file corrupt or another architecture?")
+                    value = torch.empty(shape, dtype=dtype, device=dev)
+                    value.copy_(r.apply(t, shape))
+                    _set_tensor(module, r.target, value, True)
+            if missing:
+                raise CheckpointError(path, f"{len(missing)} {comp} weight(s) missing, e.g. {missing[0]}",
+                                      "a pruned file cannot be rendered alone: use a complete model as the pool base")
+            for name, buf in list(module.named_buffers()):
+                if buf.is_meta:
+                    if not name.endswith("position_ids"):  # pragma: no cover - a new buffer in a future transformers
+                        raise CheckpointError(path, f"internal: buffer {name} of {comp} has no value")
+                    _set_tensor(module, name, torch.arange(buf.shape[-1], device=dev).expand(buf.shape).clone(), False)
+            left = [n for n, p in module.named_parameters() if p.is_meta]
+            if left:  # pragma: no cover - the traced map and the module disagree
+                raise CheckpointError(path, f"internal: {len(left)} {comp} parameter(s) have no source, e.g. {left[0]}")
+            module.eval().requires_grad_(False)
+        if filled:
+            log.warning("%s: %d optional weight(s) absent, zero-filled (e.g. %s)", path, len(filled), filled[0])
+    finally:
+        reader.close()
+    pipe = _assemble(arch, variant, size, modules)
+    return RenderPipeline(pipe, modules, maps, arch=arch, variant=variant, size=size, device=dev, dtype=dtype,
+                          checkpoint=path, filled=filled)
+
+
+def _assemble(arch: str, variant: str, size: str, modules: dict[str, torch.nn.Module]) -> Any:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler.from_config(load_config(variant, size, "scheduler/scheduler_config.json"))
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=modules["vae"], text_encoder=modules["te0"], text_encoder_2=modules["te1"],
+                                         tokenizer=load_tokenizer("eos"), tokenizer_2=load_tokenizer("bang"), unet=modules["unet"],
+                                         scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=modules["vae"], text_encoder=modules["te0"], unet=modules["unet"], scheduler=scheduler,
+                                       tokenizer=load_tokenizer("bang" if arch == "sd2" else "eos"), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
