@@ -12,6 +12,7 @@ every ``refresh_every`` updates, bounding fp32 drift.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,13 +20,17 @@ import psutil
 import torch
 
 from astolfo_opt.checkpoint.layout import block_of
+from astolfo_opt.errors import CheckpointError
 from astolfo_opt.merge.kernel import (
     KeyComputer,
     MergeSink,
     MergeStats,
     ModelSet,
     PlannedTensor,
+    _all_finite,
+    add_into,
     layout_for,
+    narrow,
     parse_dtype,
     plan_output,
     resolve_device,
@@ -53,6 +58,12 @@ class _CompState:
 
 
 class IncrementalMerger:
+    """Merges a sequence of recipes over one pool, doing only the work each new recipe changes (module docstring).
+
+    ``stats.tensors_read`` / ``bytes_read`` / ``models_read`` of each ``merge`` call say what was actually read;
+    ``last_changed`` lists the components emitted; ``used_bytes()`` the cache size (within ``budget_bytes``, default
+    half of the free host / GPU memory)."""
+
     def __init__(self, device: str | torch.device = "auto", budget_bytes: int | None = None,
                  out_dtype: str | torch.dtype = torch.float16, threads: int | None = None, refresh_every: int = 64):
         self.device = resolve_device(device)
@@ -119,9 +130,13 @@ class IncrementalMerger:
 
         def compute(pt: PlannedTensor) -> torch.Tensor:
             t = computers[pt.component](pt)
+            if t is None:
+                raise CheckpointError(ms.paths[next(iter(ms.paths))], f"no model in the recipe provides {pt.key}",
+                                      "add a base model that has it (recipe.base)")
             return t.to(pt.dtype) if t.dtype != pt.dtype else t
 
-        n = run_plan(plan, compute, sink, threads=self.threads, progress=progress, desc="merge (incremental)") if plan else 0
+        n = run_plan(plan, compute, sink, threads=self.threads, progress=progress, desc="merge (incremental)",
+                     device=self.device) if plan else 0
         for comp in changed:
             self._state[comp].hash = recipe.component_hash(comp)
         return MergeStats(models=len(ms.paths), keys=n, seconds=time.perf_counter() - t0,
@@ -166,46 +181,68 @@ class IncrementalMerger:
         if anchor_changed:
             ens.anchors = {}
 
+        lock = threading.Lock()
+
+        def base_of(key: str) -> torch.Tensor | None:
+            t = kc._from_base(key)
+            if t is not None and not kc.finite_or_policy(recipe.base, key, t):  # type: ignore[arg-type]
+                return None
+            return t
+
         def compute(pt: PlannedTensor) -> torch.Tensor:
             key, block = pt.key, blocks[pt.key]
             s = ens.sums.get(key)
             total = ens.totals.get(key, 0.0)
+            touched = False
             for m in names:
                 d = delta.get((m, block))
                 if not d:
                     continue
-                t = kc.load(m, key)
-                if t is None or not kc.finite_or_policy(m, key, t):
+                t = kc.load(m, key, transient=True)  # added into the sum at once
+                if t is None:
                     continue
                 if s is None:
                     s = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-                    ens.nbytes += s.numel() * 4
-                s.add_(t, alpha=d)
+                    with lock:
+                        ens.nbytes += s.numel() * 4
+                add_into(s, t, d)
                 total += d
+                touched = True
+            if touched and not _all_finite(s):
+                # An input held NaN/Inf (checking the fp32 sum once is far cheaper than every fp16 input): rebuild
+                # this key's sum from the current weights, checking each input, so the policy applies exactly as in
+                # a from-scratch merge (error names the model; drop_model leaves it out of this key).
+                s.zero_()
+                total = 0.0
+                for m in names:
+                    w = new_w.get((m, block), 0.0)
+                    t = kc.load(m, key, transient=True) if w else None
+                    if t is None or not kc.finite_or_policy(m, key, t):
+                        continue
+                    add_into(s, t, w)
+                    total += w
             if s is not None:
                 ens.sums[key] = s
             ens.totals[key] = total
             if s is None or abs(total) < 1e-12:
-                out = kc._from_base(key)
-                if out is None:
-                    raise RuntimeError(f"no member or base provides {key}")
-            else:
-                out = s / total
-            if cr.anchor is not None:
-                a = cr.alpha_for(block)
+                s, total = base_of(key), 1.0  # pruned in every included member: the base stands in
+                if s is None:
+                    raise CheckpointError(kc.models.paths[names[0]], f"no member or base provides {key}",
+                                          "add a base model that has it (recipe.base)")
+            a = cr.alpha_for(block) if cr.anchor is not None else 1.0
+            if a != 1.0:
                 if key not in ens.anchors:
                     anc = kc.load(cr.anchor, key)
                     if anc is not None and not kc.finite_or_policy(cr.anchor, key, anc):
                         anc = None
-                    if anc is None:
-                        anc = kc._from_base(key)
-                    anc = anc.to(torch.float32) if anc is not None else None
-                    ens.anchors[key] = anc
-                    ens.nbytes += anc.numel() * 4 if anc is not None else 0
+                    anc = base_of(key) if anc is None else anc.to(torch.float32)
+                    with lock:
+                        ens.anchors[key] = anc
+                        ens.nbytes += anc.numel() * 4 if anc is not None else 0
                 anc = ens.anchors[key]
-                if anc is not None and a != 1.0:
-                    out = out.mul_(a).add_(anc, alpha=1.0 - a) if out is not s else out * a + anc * (1.0 - a)
-            return out
+                if anc is not None:
+                    return narrow(torch.mul(s, a / total).add_(anc, alpha=1.0 - a), 1.0, pt.dtype)
+            return narrow(s, 1.0 / total, pt.dtype, inplace=False)  # the cached sum stays as it is
 
         return lambda pt: kc.compute(pt.key, pt.component) if pt.key.endswith("position_ids") else compute(pt)
 

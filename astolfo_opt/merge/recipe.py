@@ -80,9 +80,10 @@ class ComponentRecipe:
         return [m.model for m in self.members] + ([self.anchor] if self.anchor else [])
 
 
-def _num(x: float) -> float | int:
-    """Canonical number: ints stay ints, floats are rounded to 12 significant digits for hashing."""
-    return x if isinstance(x, int) and not isinstance(x, bool) else float(f"{float(x):.12g}")
+def _num(x: float) -> float:
+    """Canonical number: always a float rounded to 12 significant digits, so ``1``, ``1.0`` and ``0.1 + 0.2`` vs
+    ``0.3`` spell the same recipe (YAML reads ``1`` as int, JSON writes ``1.0``: the hash must not care)."""
+    return float(f"{float(x):.12g}")
 
 
 @dataclass
@@ -129,7 +130,8 @@ class Recipe:
         comps: dict[str, Any] = {}
         for name in sorted(self.components):
             c = self.components[name]
-            d: dict[str, Any] = {"method": c.method, "members": [{"model": m.model, "weight": _num(m.weight)} for m in c.members]}
+            members = sorted(c.members, key=lambda m: m.model) if c.method == "weighted_average" else c.members  # a set
+            d: dict[str, Any] = {"method": c.method, "members": [{"model": m.model, "weight": _num(m.weight)} for m in members]}
             if c.anchor is not None:
                 d["anchor"] = c.anchor
             if c.alpha:

@@ -10,19 +10,32 @@ from pathlib import Path
 import torch
 
 from astolfo_opt import __version__
+from astolfo_opt.checkpoint.hashing import legacy_model_hash
 from astolfo_opt.checkpoint.writer import SafetensorsWriter, clean_stale_partials
 from astolfo_opt.merge.kernel import PlannedTensor
 from astolfo_opt.merge.recipe import Recipe
 
 
-def merge_metadata(recipe: Recipe, extra: Mapping[str, object] | None = None) -> dict[str, str]:
-    """Provenance stored in an exported checkpoint: our recipe, A1111's merge fields, tool version, caller extras."""
+def merge_metadata(recipe: Recipe, extra: Mapping[str, object] | None = None,
+                   hashes: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Provenance stored in an exported checkpoint: our recipe, A1111's merge fields, tool version, caller extras.
+
+    ``sd_merge_models`` is keyed like A1111's: by the model's sha256 when the caller knows it (``hashes[name]``,
+    e.g. from ``inspect_model``), else by A1111's cheap legacy 8-hex hash (64 KiB of the file): hashing every input
+    in full would add seconds per GB to each export."""
+    models: dict[str, dict[str, object]] = {}
+    for name, path in sorted(recipe.models.items()):
+        try:
+            legacy = legacy_model_hash(path)
+        except OSError:
+            legacy = None
+        key = (hashes or {}).get(name) or legacy or name
+        models[key] = {"name": Path(path).name, "model": name, "legacy_hash": legacy, "sd_merge_recipe": None}
     meta = {
         "recipe": recipe.to_json(),
         "recipe_hash": recipe.hash(),
         "sd_merge_recipe": json.dumps(recipe.a1111_recipe(), sort_keys=True),
-        "sd_merge_models": json.dumps({Path(p).name: {"name": n, "legacy_hash": None, "sd_merge_recipe": None}
-                                       for n, p in sorted(recipe.models.items())}, sort_keys=True),
+        "sd_merge_models": json.dumps(models, sort_keys=True),
         "astolfo_opt_version": __version__,
         "format": "pt",
     }
