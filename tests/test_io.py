@@ -224,7 +224,8 @@ def test_writer_is_atomic_on_exception_and_on_missing_tensors(tmp_path):
         w.write("x", torch.zeros(4))
         raise RuntimeError("merge failed mid-way")
     assert _leftovers(tmp_path) == []
-    with pytest.raises(AstolfoError, match="never written"), SafetensorsWriter(target, [("x", torch.float32, (4,)), ("y", torch.float32, (1,))]) as w:
+    two = [("x", torch.float32, (4,)), ("y", torch.float32, (1,))]
+    with pytest.raises(AstolfoError, match="never written"), SafetensorsWriter(target, two) as w:
         w.write("x", torch.zeros(4))
     assert _leftovers(tmp_path) == []
     target.write_bytes(b"old")

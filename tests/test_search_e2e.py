@@ -55,8 +55,8 @@ def test_oracle_study_and_export(pool_dir, tmp_path):
     best = space.candidate({**space.uniform_params(), **target})
     ev = OracleEvaluator(space, best, device="cpu")
     ctx = TrialContext()
-    assert next(iter(ev.evaluate(best, ctx))).values[0] == pytest.approx(1.0, abs=1e-6)
-    assert next(iter(ev.evaluate(space.candidate(space.uniform_params()), ctx))).values[0] == pytest.approx(0.0, abs=1e-6)
+    assert next(iter(ev.evaluate(best, ctx))).values[0] == pytest.approx(1.0, abs=1e-4)
+    assert next(iter(ev.evaluate(space.candidate(space.uniform_params()), ctx))).values[0] == pytest.approx(0.0, abs=1e-4)
     # the second trial (base alone) read no new model for the MBW-only change? at least the merge ran incrementally
     assert all("merge" in t.user_attrs and t.user_attrs["tensor_hash"] for t in trials)
     exp = export_trial(open_storage_url(f"sqlite:///{tmp_path / 'study.db'}"), "e2e", tmp_path / "best.safetensors", device="cpu")

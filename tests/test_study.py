@@ -134,11 +134,13 @@ def test_dashboard_server_args(tmp_path, pool_dir, monkeypatch):
 
 @pytest.mark.parametrize(("sampler", "pruner", "space"), [
     ("cmaes", "successive_halving", "inclusion_mbw"), ("gp", "hyperband", "weights"), ("qmc", "median", "pairwise_mbw"),
-    ("random", "none", "inclusion"), ("tpe", "median", "weights"),
+    ("random", "none", "inclusion"), ("tpe", "median", "weights"), ("staged", "none", "inclusion_mbw"),
 ])
 def test_every_sampler_pruner_space(pool_dir, tmp_path, sampler, pruner, space):
-    res = run_search(cfg_for(pool_dir, tmp_path, n_trials=7, sampler={"name": sampler, "n_startup_trials": 3},
-                             pruner={"name": pruner}, space={"kind": space, "min_models": 2}, storage={"kind": "memory"}))
+    cfg = cfg_for(pool_dir, tmp_path, n_trials=7, pruner={"name": pruner}, space={"kind": space, "min_models": 2},
+                  storage={"kind": "memory"})
+    cfg["sampler"] = {"name": sampler} if sampler == "staged" else {"name": sampler, "n_startup_trials": 3}
+    res = run_search(cfg)
     assert sum(res.states.get(s, 0) for s in ("COMPLETE", "PRUNED")) == 7 and res.best_values is not None
 
 
@@ -159,3 +161,40 @@ def test_fail_dead_trials_other_host_uses_heartbeat(tmp_path):
     assert sorted(fail_dead_trials(study, grace_period=300)) == [stale.number, local_dead.number]
     states = {t.number: t.state for t in study.trials}
     assert states[fresh.number] == TrialState.RUNNING and states[stale.number] == TrialState.FAIL
+
+
+def test_hashing_sink_and_fingerprints():
+    import torch
+
+    from astolfo_opt.search.evaluator import HashingSink, TeeSink, fingerprints_close
+
+    keys = ["model.diffusion_model.input_blocks.1.0.in_layers.2.weight", "model.diffusion_model.out.2.bias",
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight", "alphas_cumprod"]
+    g = torch.Generator().manual_seed(0)
+    ts = {k: torch.randn(64, generator=g).half() for k in keys}
+
+    def run(tensors, previous=None):
+        h = HashingSink("sd1", previous)
+        sink = TeeSink(h, None)
+        sink.begin([])
+        for k, t in tensors.items():
+            sink.consume(k, t)
+        sink.end()
+        return h
+
+    a, b = run(ts), run({k: t.clone() for k, t in ts.items()})
+    assert a.hashes == b.hashes and set(a.hashes) == {"unet", "te0"}  # pass-through keys are not hashed
+    assert set(a.fingerprints["unet"]) == {"IN01", "OUT11"}
+    drift = {k: t.clone() for k, t in ts.items()}
+    drift[keys[0]].view(torch.int16)[3] += 1  # one fp16 ulp in one element: incremental-merge rounding drift
+    c = run(drift)
+    assert c.hashes["unet"] != a.hashes["unet"] and c.hashes["te0"] == a.hashes["te0"]
+    assert fingerprints_close(a.fingerprints["unet"], c.fingerprints["unet"], rtol=1e-3)
+    other = {k: t.clone() for k, t in ts.items()}
+    other[keys[0]] *= 1.01
+    d = run(other)
+    assert not fingerprints_close(a.fingerprints["unet"], d.fingerprints["unet"])
+    assert fingerprints_close(a.fingerprints["unet"], run(ts).fingerprints["unet"])
+    # a later incremental merge that emits only te0 keeps the unet hash
+    e = run({keys[2]: ts[keys[2]]}, previous=a.hashes)
+    assert e.hashes["unet"] == a.hashes["unet"]

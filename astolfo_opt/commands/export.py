@@ -20,6 +20,6 @@ def run(args: argparse.Namespace) -> int:
 
     res = export_trial(open_storage_url(args.storage), args.study, args.out, trial=args.trial, device=args.device,
                        verify=not args.no_verify)
-    check = "tensors identical to the trial's merge" if res.verified else "not verified"
+    check = f"tensors {res.verified} to the trial's merge" if res.verified == "identical" else (res.verified or "not verified")
     print(f"exported trial {res.trial} of {res.study} (values {res.values}) -> {res.path} ({check})")
     return 0

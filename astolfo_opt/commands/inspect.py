@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         if args.map:
             for p in render_maps(analysis, args.map):
                 console.print(f"map written: {_safe(p)}")
+    elif args.map or args.base:
+        console.print("[yellow]weight-space analysis skipped: fix the errors below first[/yellow]")
     if args.json:
         atomic_write_text(args.json, json.dumps(data, indent=1, default=str) + "\n")
     lines = report.error_lines()

@@ -80,7 +80,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 24, fresh: bool 
         print("      " + line)
     storage = f"sqlite:///{out / 'study.db'}"
     exp = export_trial(open_storage_url(storage), "demo", out / "best.safetensors", trial="best", device=device)
-    print(f"[5/5] export: trial {exp.trial} -> {exp.path} ({'tensors identical to the scored merge' if exp.verified else 'unverified'})")
+    print(f"[5/5] export: trial {exp.trial} -> {exp.path} (check against the scored merge: {exp.verified or 'skipped'})")
     split = res.time_split
     tot = split.get("total") or 1.0
     outside = (tot - split.get("render", 0.0) - split.get("score", 0.0)) / tot

@@ -47,6 +47,8 @@ class TrialContext:
     timings: dict[str, float] = field(default_factory=lambda: {"merge": 0.0, "render": 0.0, "score": 0.0})
     #: merged-tensor hash per merge component (identical to what an export writes)
     component_hashes: dict[str, str] = field(default_factory=dict)
+    #: per component, per MBW block [Σ r·x, Σ|x|] of the merged tensors (tells rounding drift from a different merge)
+    fingerprints: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     merge_info: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -85,23 +87,35 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------------ sinks
+FINGERPRINT_SAMPLES = 4096
+
+
 class HashingSink:
-    """A merge sink that hashes what it is given per component (key, dtype, shape, bytes in emission order).
+    """A merge sink that hashes what it is given per component (key, dtype, shape, bytes in emission order), and keeps
+    a numeric fingerprint per component and MBW block (``[Σ r·x, Σ|x|]`` in fp64 over a strided sample of each
+    tensor, ``r`` fixed pseudo-random ±1 per key; see :func:`fingerprints_close`).
 
     Tee it beside the live-pipeline sink during a trial and beside the file writer at export: equal hashes prove the
-    exported file holds the tensors that were rendered and scored. Components not emitted by an incremental merge
-    keep their previous hash (``previous``)."""
+    exported file holds the tensors that were rendered and scored. The IncrementalMerger updates fp32 running sums,
+    so after an incremental update a handful of elements can differ from a fresh merge in the last bit of fp16;
+    the fingerprints tell that rounding drift from a different merge.
+    Components not emitted by an incremental merge keep their previous hash and fingerprint."""
 
     def __init__(self, arch: str, previous: Mapping[str, str] | None = None):
         self.arch = arch
         self.hashes: dict[str, str] = dict(previous or {})
+        self.fingerprints: dict[str, dict[str, list[float]]] = {}
         self._h: dict[str, Any] = {}
+        self._fp: dict[str, dict[str, list[float]]] = {}
 
     def begin(self, plan) -> None:
         self._h = {}
+        self._fp = {}
 
     def consume(self, key: str, tensor) -> None:
         import torch
+
+        from astolfo_opt.checkpoint.layout import block_of
 
         comp = component_of(self.arch, key)
         if comp not in MERGE_COMPONENTS:
@@ -113,10 +127,37 @@ class HashingSink:
         h.update(f"{key}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            if t.is_floating_point():
+                flat = t.reshape(-1)
+                step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+                d = flat[::step].double()
+                g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1)
+                signs = torch.randint(0, 2, (d.numel(),), generator=g, dtype=torch.int8).double().mul_(2).sub_(1)
+                acc = self._fp.setdefault(comp, {}).setdefault(block_of(self.arch, key), [0.0, 0.0])
+                acc[0] += float((d * signs).sum())
+                acc[1] += float(d.abs().sum())
 
     def end(self) -> None:
         self.hashes.update({c: h.hexdigest() for c, h in self._h.items()})
+        self.fingerprints.update(self._fp)
         self._h = {}
+        self._fp = {}
+
+
+def fingerprints_close(a: Mapping[str, Any], b: Mapping[str, Any], rtol: float = 1e-6) -> bool:
+    """True when two component fingerprints ({block: [Σ r·x, Σ|x|]}) agree within ``rtol`` of the block's magnitude.
+
+    The signed projection ``Σ r·x`` (fixed pseudo-random ±1 per sampled element) moves by ~``ε·sqrt(n)`` when a merge
+    differs by ``ε`` per element, but only by a few ulps when a handful of elements differ by one ulp (incremental
+    rounding drift), so drift stays ~1e-7 of ``Σ|x|`` and any real recipe change is orders of magnitude above."""
+    if set(a) != set(b):
+        return False
+    for blk, (pa, ma) in a.items():
+        pb, mb = b[blk]
+        scale = max(abs(ma), abs(mb), 1e-12)
+        if abs(pa - pb) > rtol * scale or abs(ma - mb) > rtol * scale:
+            return False
+    return True
 
 
 class TeeSink:
@@ -279,6 +320,7 @@ class OracleEvaluator(Evaluator):
         ctx.timings["merge"] += time.perf_counter() - t0
         ctx.merge_info = {"changed": list(getattr(self.merger, "last_changed", [])), "bytes_read": getattr(stats, "bytes_read", None)}
         ctx.component_hashes = dict(self.hasher.hashes)
+        ctx.fingerprints = dict(self.hasher.fingerprints)
         t1 = time.perf_counter()
         s = 1.0 - math.sqrt(sum(self.dist.dist2.get(c, 0.0) for c in self.space.components)) / self.norm
         ctx.timings["score"] += time.perf_counter() - t1
@@ -343,6 +385,7 @@ class PipelineEvaluator(Evaluator):
                           "bytes_read": getattr(stats, "bytes_read", None)}
         if self.hasher is not None:
             ctx.component_hashes = dict(self.hasher.hashes)
+            ctx.fingerprints = dict(self.hasher.fingerprints)
         n_obj = len(self.names)
         sums, count = [0.0] * n_obj, 0
         t_r = time.perf_counter()

@@ -30,7 +30,8 @@ class ExportResult:
     trial: int
     values: list[float] | None
     component_hashes: dict[str, str]
-    verified: bool
+    #: None (not checked), "identical" (same bytes) or "equal up to incremental-merge rounding in ..."
+    verified: str | None
     metadata: dict[str, str]
 
 
@@ -87,7 +88,7 @@ def export_trial(storage: Any, study_name: str, out: str | Path, *, trial: str |
         from astolfo_opt.merge.sinks import SafetensorsSink, merge_metadata
     except ImportError as e:
         raise AstolfoError(f"export needs the merge kernel (astolfo_opt.merge): {e}") from None
-    from astolfo_opt.search.evaluator import HashingSink, TeeSink
+    from astolfo_opt.search.evaluator import HashingSink, TeeSink, fingerprints_close
     from astolfo_opt.search.space import spec_to_recipe
 
     try:
@@ -109,12 +110,14 @@ def export_trial(storage: Any, study_name: str, out: str | Path, *, trial: str |
     hasher = HashingSink(spec["arch"])
     merge(recipe, TeeSink(SafetensorsSink(out, merge_metadata(recipe, meta)), hasher), device=device, out_dtype=dtype)
     recorded = t.user_attrs.get("component_hashes") or {}
-    verified = False
+    prints = t.user_attrs.get("fingerprints") or {}
+    verified: str | None = None
     if verify and recorded:
-        bad = [c for c, h in recorded.items() if hasher.hashes.get(c) != h]
+        differ = [c for c, h in recorded.items() if hasher.hashes.get(c) != h]
+        bad = [c for c in differ if not (c in prints and fingerprints_close(prints[c], hasher.fingerprints.get(c, {})))]
         if bad:
             out.unlink(missing_ok=True)
             raise AstolfoError(f"export of trial {t.number}: merged {', '.join(bad)} differ from what the trial scored "
                                "(pool files changed, or another device/dtype); no file written (--no-verify to export anyway)")
-        verified = True
+        verified = "identical" if not differ else f"equal up to incremental-merge rounding in {', '.join(differ)}"
     return ExportResult(out, study_name, t.number, list(t.values) if t.values else None, dict(hasher.hashes), verified, meta)

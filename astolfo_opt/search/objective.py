@@ -98,7 +98,8 @@ class TrialObjective:
         if cand.repaired:
             trial.set_user_attr("repaired", cand.repaired)
         if self.reuse_duplicates and (dup := self._duplicate_of(trial, h)) is not None:
-            for k in ("tensor_hash", "component_hashes", "scores", "objective_names", "scorer_names", "prompt_set_hash", "out_dtype"):
+            for k in ("tensor_hash", "component_hashes", "fingerprints", "scores", "objective_names", "scorer_names",
+                      "prompt_set_hash", "out_dtype"):
                 if k in dup.user_attrs:
                     trial.set_user_attr(k, dup.user_attrs[k])
             trial.set_user_attr("cached_from", dup.number)
@@ -133,6 +134,8 @@ class TrialObjective:
             if ctx.component_hashes:
                 trial.set_user_attr("component_hashes", ctx.component_hashes)
                 trial.set_user_attr("tensor_hash", ctx.tensor_hash)
+            if ctx.fingerprints:
+                trial.set_user_attr("fingerprints", ctx.fingerprints)
             if ctx.merge_info:
                 trial.set_user_attr("merge", ctx.merge_info)
         for batch in ev.evaluate(cand, ctx):

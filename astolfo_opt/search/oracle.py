@@ -23,6 +23,7 @@ rank-preserving function of ``s`` - so pruners have intermediate values (``--mod
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -59,6 +60,8 @@ def make_bench_pool(folder: str | Path, n_models: int, seed: int = 0, n_outliers
     """A tiny real-layout SD1 pool: ``base`` + ``n_models`` finetunes with independent deltas of varied spread, the last
     ``n_outliers`` (default 1 below 8 models, else 2) with a ``outlier_scale``× spread - the far-off model a real pool
     often has. Returns ``(factory Pool, outlier names)``. Files are reused when already present (deterministic)."""
+    from astolfo_opt.checkpoint.writer import atomic_write_text
+    from astolfo_opt.testing.factory import Pool as FactoryPool
     from astolfo_opt.testing.factory import make_pool
 
     if n_models < 3:
@@ -69,7 +72,14 @@ def make_bench_pool(folder: str | Path, n_models: int, seed: int = 0, n_outliers
     for i in range(n_models - n_out, n_models):
         spreads[i] = round(spreads[i] * outlier_scale, 4)
     folder = Path(folder)
-    pool = make_pool(folder, n=n_models, arch="sd1", size="tiny", seed=seed, spreads=spreads, dtype="fp16")
+    stamp = folder / "bench_pool.json"
+    want = json.dumps({"n": n_models, "seed": seed, "spreads": spreads})
+    files = [folder / "base.safetensors", *(folder / f"m{i:02d}.safetensors" for i in range(n_models))]
+    if stamp.is_file() and stamp.read_text() == want and all(f.is_file() for f in files):
+        pool = FactoryPool(base=files[0], models=files[1:], folder=folder)
+    else:
+        pool = make_pool(folder, n=n_models, arch="sd1", size="tiny", seed=seed, spreads=spreads, dtype="fp16")
+        atomic_write_text(stamp, want)
     outliers = [p.stem for p in pool.models[n_models - n_out:]]
     return pool, outliers
 
@@ -104,7 +114,7 @@ def space_from_bench_pool(pool, space_cfg: Mapping[str, Any] | None = None) -> S
     from astolfo_opt.search.pool import resolve_pool
 
     cfg = dict(space_cfg) if space_cfg is not None else load_conf("space", "inclusion_mbw")
-    spool = resolve_pool({"files": [str(p) for p in pool.all], "base": str(pool.base), "use_inspect": False},
+    spool = resolve_pool({"files": [str(p) for p in pool.all], "base": str(pool.base)},
                          cache_file=Path(pool.folder) / "pool_facts.json")
     return SearchSpace(spool, cfg)
 
@@ -182,7 +192,7 @@ class GramOracle:
         self.grams: dict[tuple[str, str], torch.Tensor] = {}
         readers = {n: open_checkpoint(p) for n, p in pool.paths.items()}
         try:
-            raw = {n: {canonical_key(pool.arch, k): k for k in r.keys()} for n, r in readers.items()}
+            raw = {n: {canonical_key(pool.arch, k): k for k in r.keys()} for n, r in readers.items()}  # noqa: SIM118 (reader, not dict)
             keys = [k for k in raw[self.base] if all(k in raw[n] for n in self.names)]
             where = _component_blocks(pool.arch, keys, self.components, self.teb)
             for key, cb in where.items():
@@ -223,7 +233,7 @@ class ReferenceOracle:
         self.where: dict[str, tuple[str, str]] = {}
         readers = {n: open_checkpoint(p) for n, p in pool.paths.items()}
         try:
-            raw = {n: {canonical_key(pool.arch, k): k for k in r.keys()} for n, r in readers.items()}
+            raw = {n: {canonical_key(pool.arch, k): k for k in r.keys()} for n, r in readers.items()}  # noqa: SIM118 (reader, not dict)
             keys = [k for k in raw[pool.base or self.names[0]] if all(k in raw[n] for n in self.names)]
             for key, cb in _component_blocks(pool.arch, keys, list(space.components), self.teb).items():
                 ts = [readers[n].get(raw[n][key]) for n in self.names]

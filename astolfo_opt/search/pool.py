@@ -4,13 +4,11 @@ The search space needs two facts per model that only the files can tell: the arc
 components and MBW blocks) and a content hash per merge component (models that ship a bit-identical component - the
 common "finetune with the base text encoder" case - share one inclusion parameter, so averaging does not over-weight
 that component). Non-finite tensors are found in the same pass, so a NaN model is named before a trial wastes time on
-it. ``astolfo_opt.checkpoint.inspect`` computes the same facts when it is installed and is preferred; the small
-fallback here keeps the search usable (and testable) without it.
+it. ``astolfo_opt.checkpoint.inspect`` computes these facts; this module only caches and applies them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -18,10 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from astolfo_opt.checkpoint.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, open_checkpoint
-from astolfo_opt.checkpoint.layout import MERGE_COMPONENTS, canonical_key, component_of, detect_architecture, detect_size
+from astolfo_opt.checkpoint.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from astolfo_opt.checkpoint.writer import atomic_write_text
 from astolfo_opt.errors import ConfigError, MissingFileError
 
@@ -80,59 +75,16 @@ class Pool:
         return list(groups.values())
 
 
-def _hash_component_tensors(reader, keys: Sequence[tuple[str, str]]) -> tuple[str, list[str]]:
-    """Content hash over canonical key, dtype, shape and bytes (sorted by key, ``position_ids`` excluded), and the
-    keys holding non-finite values."""
-    h = hashlib.blake2b(digest_size=16)
-    bad = []
-    for canon, raw in sorted(keys):
-        if canon.endswith("position_ids"):
-            continue
-        t = reader.get(raw)
-        h.update(f"{canon}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad.append(canon)
-    return h.hexdigest(), bad
+def scan_model(path: Path) -> ModelFacts:
+    """The facts of one file, from :func:`astolfo_opt.checkpoint.inspect.inspect_model` (the one scanner: structure,
+    hashes and NaN / Inf in one streaming pass). A file that cannot be merged with its layout (wrong shapes) is
+    refused here, before the first trial, with the file and key named."""
+    from astolfo_opt.checkpoint.inspect import inspect_model
 
-
-def scan_model(path: str | Path) -> ModelFacts:
-    """Read one file once: architecture, size, per-component content hashes and non-finite keys."""
-    path = Path(path)
-    with open_checkpoint(path) as r:
-        keys = r.keys()
-        arch = detect_architecture(keys)
-        if arch is None:
-            raise ConfigError(f"{path}: not a Stable Diffusion checkpoint (no UNet / text encoder keys); remove it from the pool")
-        by_comp: dict[str, list[tuple[str, str]]] = {}
-        shapes = {}
-        for k in keys:
-            c = canonical_key(arch, k)
-            shapes[c] = r.info(k).shape
-            comp = component_of(arch, c)
-            if comp in MERGE_COMPONENTS:
-                by_comp.setdefault(comp, []).append((c, k))
-        hashes, nonfinite = {}, {}
-        for comp, ks in by_comp.items():
-            hashes[comp], bad = _hash_component_tensors(r, ks)
-            if bad:
-                nonfinite[comp] = bad
-        return ModelFacts(path.stem, str(path.resolve()), arch, detect_size(arch, shapes), hashes, nonfinite)
-
-
-def _facts_via_inspect(path: Path) -> ModelFacts | None:
-    """Use ``astolfo_opt.checkpoint.inspect`` (cached, richer) when it is installed."""
-    try:
-        from astolfo_opt.checkpoint.inspect import inspect_model  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    rep = inspect_model(path, scan=True)
-    nonfinite: dict[str, list[str]] = {}
-    for f in getattr(rep, "findings", []):
-        if str(getattr(f, "kind", "")).lower() in ("nan", "inf", "nonfinite", "non_finite", "non-finite"):
-            nonfinite.setdefault(f.component or "?", []).append(f.key or "?")
+    rep = inspect_model(path, scan=True, cache=False)  # the pool keeps its own (path, size, mtime) cache
+    rep.raise_for_errors()
     size = rep.size if rep.size in ("full", "tiny") else None
-    return ModelFacts(rep.name, str(Path(rep.path).resolve()), rep.arch, size, dict(rep.component_hashes), nonfinite)
+    return ModelFacts(rep.name, str(Path(rep.path).resolve()), rep.arch, size, dict(rep.component_hashes), rep.nonfinite_keys())
 
 
 def _cache_key(path: Path) -> str:
@@ -140,7 +92,7 @@ def _cache_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def load_facts(paths: Sequence[Path], cache_file: Path | None = None, use_inspect: bool = True) -> list[ModelFacts]:
+def load_facts(paths: Sequence[Path], cache_file: Path | None = None) -> list[ModelFacts]:
     """Facts of every file, cached by (path, size, mtime) in ``cache_file`` so a resumed study does not rehash."""
     cache: dict[str, Any] = {}
     if cache_file is not None and cache_file.is_file():
@@ -154,7 +106,7 @@ def load_facts(paths: Sequence[Path], cache_file: Path | None = None, use_inspec
         if key in cache:
             out.append(ModelFacts(**cache[key]))
             continue
-        facts = (_facts_via_inspect(p) if use_inspect else None) or scan_model(p)
+        facts = scan_model(p)
         cache[key] = facts.to_json()
         dirty = True
         out.append(facts)
@@ -220,14 +172,19 @@ def resolve_pool(cfg: Mapping[str, Any], cache_file: Path | None = None) -> Pool
     if base_name in exclude:
         raise ConfigError(f"pool.exclude removes the base {base_name!r}; choose another pool.base")
     kept = [p for p in paths if p.stem not in exclude]
-    facts = load_facts(kept, cache_file, use_inspect=bool(cfg.get("use_inspect", True)))
+    facts = load_facts(kept, cache_file)
     archs = {f.arch for f in facts}
     want = cfg.get("architecture")
     if want and any(a != want for a in archs):
         odd = next(f for f in facts if f.arch != want)
         raise ConfigError(f"{odd.name} is {odd.arch}, pool.architecture is {want}: exclude it with pool.exclude=[{odd.name}]")
     if len(archs) > 1:
-        raise ConfigError(f"the pool mixes architectures {sorted(archs)}; keep one (pool.exclude=[...] or pool.architecture=...)")
+        by_arch: dict[str, list[str]] = {}
+        for f in facts:
+            by_arch.setdefault(f.arch, []).append(f.name)
+        odd = sorted(by_arch.values(), key=len)[0]  # the minority is what to drop
+        listing = "; ".join(f"{a}: {', '.join(n)}" for a, n in sorted(by_arch.items()))
+        raise ConfigError(f"the pool mixes architectures ({listing}); keep one, e.g. pool.exclude=[{','.join(odd)}]")
     arch = archs.pop()
     sizes = {f.size for f in facts}
     excluded = {x: "pool.exclude" for x in exclude}

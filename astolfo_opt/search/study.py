@@ -20,6 +20,7 @@ the study refills to ``n_trials``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -37,7 +38,7 @@ log = logging.getLogger("astolfo_opt.search")
 # group / heartbeat / QMC are stable enough for our use; the warnings would drown the progress output
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc")
+SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc", "staged")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 
 
@@ -54,10 +55,19 @@ def make_storage(cfg: Mapping[str, Any], run_dir: Path) -> tuple[Any, str]:
         if hb:
             kw = {"heartbeat_interval": int(hb), "grace_period": int(cfg.get("grace_period") or 4 * int(hb))}
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine or None, **kw), url
-        except Exception as e:  # sqlalchemy raises many types for bad URLs / unreachable servers
-            raise ConfigError(f"cannot open storage {url}: {str(e).splitlines()[0]} (check storage.url)") from None
+        storage = None
+        for attempt in range(5):  # workers started together race to create the tables: the loser retries
+            try:
+                with _creation_lock(url):
+                    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine or None, **kw)
+                break
+            except Exception as e:  # sqlalchemy raises many types for bad URLs / unreachable servers
+                if attempt == 4 or "UNIQUE constraint" not in str(e) and "already exists" not in str(e):
+                    raise ConfigError(f"cannot open storage {url}: {str(e).splitlines()[0]} (check storage.url)") from None
+                time.sleep(0.2 * (attempt + 1))
+        if url.startswith("sqlite") and bool(cfg.get("sqlite_wal", True)):
+            _sqlite_fast(storage)
+        return storage, url
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -67,6 +77,40 @@ def make_storage(cfg: Mapping[str, Any], run_dir: Path) -> tuple[Any, str]:
     if kind == "memory":
         return optuna.storages.InMemoryStorage(), "memory"
     raise ConfigError(f"storage.kind={kind!r} is unknown; use rdb (sqlite / any SQLAlchemy URL), journal or memory")
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """Serialise the first opening (table creation) of a SQLite file between local workers."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(url[len("sqlite:///"):]).expanduser().with_suffix(".lock")
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sqlite_fast(storage: Any) -> None:
+    """WAL journal + ``synchronous=NORMAL`` on every connection: each Optuna write is its own transaction, and with
+    the default rollback journal + full sync a trial's ~25 small writes cost over a second on slow disks. WAL stays
+    crash-safe (a power cut may lose the last transactions, never corrupt the file) and lets readers (dashboard,
+    other workers) run beside the writer."""
+    from sqlalchemy import event
+
+    def on_connect(conn, _record) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()
 
 
 def open_storage_url(url: str) -> Any:
@@ -117,6 +161,12 @@ def make_sampler(cfg: Mapping[str, Any], seed: int | None, *, multi: bool, const
         return S.NSGAIISampler(seed=seed, population_size=int(opts.get("population_size", 20)), constraints_func=cf)
     if name == "random":
         return S.RandomSampler(seed=seed)
+    if name == "staged":  # astolfo_opt.search.strategies (benchmark engineer): structure-aware coordinate search
+        if multi:
+            raise ConfigError("sampler=staged is single-objective; use sampler=nsga2 or sampler=tpe for multi-objective")
+        from astolfo_opt.search.strategies import make_default_sampler
+
+        return make_default_sampler(seed, **opts)
     if name == "qmc":
         return S.QMCSampler(seed=seed, qmc_type=str(opts.get("qmc_type", "sobol")), scramble=True, warn_independent_sampling=False)
     raise ConfigError(f"sampler.name={name!r} is unknown; use one of {', '.join(SAMPLERS)}")
@@ -214,8 +264,8 @@ def run_trials(study: optuna.Study, objective, n_trials: int, *, grace_period: f
     ran = 0
     while max_in_process is None or ran < max_in_process:
         fail_dead_trials(study, grace_period)
-        if counted(study) >= n_trials:
-            break
+        if counted(study) >= n_trials and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break  # enqueued (WAITING) trials count towards the total, but still have to be run by someone
         study.optimize(objective, n_trials=1, catch=(SurplusTrial,), callbacks=list(callbacks), gc_after_trial=False,
                        show_progress_bar=False)
         ran += 1

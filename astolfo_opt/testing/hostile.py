@@ -17,7 +17,7 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,9 +44,6 @@ class HostileFile:
     path: Path
     expect: tuple[str, ...]
     description: str
-    #: refused when opened alone (False: only a pool-level or merge-level check can refuse it)
-    single: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _raw_safetensors(path: Path, header: bytes | dict | list | str, data: bytes = b"", length: int | None = None) -> Path:

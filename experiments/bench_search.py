@@ -1,0 +1,392 @@
+"""Does the search beat random and the automated human (greedy) procedure? (issue 8)
+
+A tiny real-layout SD1 pool (base + N finetunes of varied spread, one or two 10x outliers) and a hidden target recipe
+drawn from the seed (per component each inlier in with p=0.5, MBW alpha ~ U(0.2, 1) per UNet block). The value of a
+trial's merge is the weight-space oracle ``s = 1 - |θ - θ*| / |θ_uniform - θ*|`` (0 at the uniform average the
+workflow starts from, 1 at the target); the optimiser sees ``s + N(0, σ²)``, the benchmark reports the true ``s``.
+Every strategy runs through the real search code (SearchSpace -> Candidate/Recipe, TrialObjective, the study's
+samplers / pruners / warm starts, greedy) on the ``inclusion_mbw`` space with the same trial budget.
+
+  python experiments/bench_search.py --seed 0,1,2 --models 12 --trials 60 --repeats 2 \
+      --json experiments/results/bench_search.json --png experiments/results/bench_search.png
+  python experiments/bench_search.py --mode pruning --seed 0 --models 12 --trials 60 --json .../bench_pruning.json
+
+``--mode pruning``: trials report ``--prompts`` per-prompt proxy scores (noisy, rank-preserving in ``s``); the
+default strategy runs without and with each pruner, and the JSON gives the share of render steps (and seconds, when
+``astolfo_opt.render`` can render the tiny fixtures) that pruning saved at the final best value reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from astolfo_opt.errors import AstolfoError, ConfigError  # noqa: E402
+
+DEFAULT = "staged"
+STRATEGIES = ("staged", "random", "greedy", "tpe", "cmaes", "gp", "qmc")
+THRESHOLDS = (0.8, 0.85, 0.9, 0.95)
+PRUNERS = ("none", "incumbent", "median", "successive_halving", "hyperband")
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def _sampler(name: str, seed: int):
+    from astolfo_opt.search.oracle import load_conf
+    from astolfo_opt.search.strategies import make_default_sampler
+    from astolfo_opt.search.study import make_sampler
+
+    cfg = load_conf("sampler", name)
+    if cfg.get("name", name) == "staged":
+        return make_default_sampler(seed, **{k: v for k, v in cfg.items() if k != "name"})
+    return make_sampler(cfg, seed, multi=False, constraints=False)
+
+
+def run_strategy(name: str, space, oracle, *, trials: int, seed: int, noise: float, n_steps: int = 1, pruner: str = "none",
+                 render=None, warm_start: bool = True) -> dict[str, Any]:
+    """One study of ``trials`` counted trials with strategy ``name``; true ``s`` per trial from the cached oracle."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from astolfo_opt.search.objective import TrialObjective
+    from astolfo_opt.search.oracle import NoisyOracleEvaluator, load_conf
+    from astolfo_opt.search.study import enqueue_warm_starts, make_pruner, run_trials
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    ev = NoisyOracleEvaluator(oracle, noise=noise, seed=seed, n_steps=n_steps, render=render)
+    pname, _, popts = pruner.partition(":")  # e.g. "incumbent:z=1.5"
+    pcfg = load_conf("pruner", pname)
+    for item in filter(None, popts.split(";")):
+        k, _, v = item.partition("=")
+        pcfg[k.strip()] = yaml.safe_load(v)
+    if pcfg.get("name") == "incumbent":
+        from astolfo_opt.search.strategies import make_incumbent_pruner
+
+        pr = make_incumbent_pruner(**{k: v for k, v in pcfg.items() if k != "name"})
+    else:
+        pr = make_pruner(pcfg, multi=False)
+    greedy = name == "greedy"
+    sampler = _sampler("tpe" if greedy else name, seed)
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize", sampler=sampler, pruner=pr)
+    objective = TrialObjective(space, ev, pruning=pname != "none", artifacts=None, n_trials=None if greedy else trials,
+                               reuse_duplicates=True, title=name)
+    t0 = time.perf_counter()
+    if greedy:
+        from astolfo_opt.search.greedy import run_greedy
+
+        run_greedy(study, space, objective, trials)
+    else:
+        if warm_start:
+            enqueue_warm_starts(study, space.warm_starts(), trials)
+        run_trials(study, objective, trials)
+    wall = time.perf_counter() - t0
+    trials_done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    trials_done.sort(key=lambda t: t.number)
+    curve, observed, best, best_obs, inc_true = [], [], -math.inf, -math.inf, -math.inf
+    cum_steps, acc = [], 0
+    for t in trials_done:
+        # prompt batches rendered: reported ones when pruning, all of them otherwise, none for a reused duplicate
+        acc += len(t.intermediate_values) or (0 if "cached_from" in t.user_attrs else n_steps)
+        cum_steps.append(acc)
+        if t.state == TrialState.COMPLETE:
+            s = oracle.value(json.loads(t.user_attrs["recipe"]))
+            best = max(best, s)
+            if t.values[0] > best_obs:
+                best_obs, inc_true = t.values[0], s
+        curve.append(best)
+        observed.append(best_obs)
+    if not curve:
+        raise ConfigError(f"strategy {name}: no trial finished")
+    curve = (curve + [curve[-1]] * trials)[:trials]  # greedy may stop early (no improving flip): flat tail
+    steps = sum(len(t.intermediate_values) or 1 for t in trials_done)
+    return {"curve": curve, "cum_steps": cum_steps, "incumbent_true": inc_true, "trials_run": len(trials_done), "evaluations": ev.calls,
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials_done), "render_steps": ev.steps_run,
+            "render_seconds": ev.render_seconds, "steps": steps, "wall_seconds": wall}
+
+
+def trials_to(curve: list[float], threshold: float) -> int | None:
+    return next((i + 1 for i, v in enumerate(curve) if v >= threshold), None)
+
+
+def _median_or_none(vals: list[int | None], cap: int) -> int | None:
+    """Median of trial counts where ``None`` (never reached) ranks above every number; ``None`` if the median is."""
+    xs = sorted(v if v is not None else math.inf for v in vals)
+    m = statistics.median_low(xs) if len(xs) % 2 else statistics.median(xs)
+    return None if not math.isfinite(m) or m > cap else (int(m) if float(m).is_integer() else float(m))  # type: ignore[return-value]
+
+
+def summarise(runs: list[dict[str, Any]], trials: int) -> dict[str, Any]:
+    curves = [r["curve"] for r in runs]
+    curve = [statistics.median(c[i] for c in curves) for i in range(trials)]
+    out = {"trials_to_95": _median_or_none([trials_to(c, 0.95) for c in curves], trials),
+           "best_at_budget": statistics.median(c[-1] for c in curves),
+           "curve": [round(v, 5) for v in curve],
+           "trials_to": {str(th): _median_or_none([trials_to(c, th) for c in curves], trials) for th in THRESHOLDS},
+           "reached_95": sum(trials_to(c, 0.95) is not None for c in curves),
+           "incumbent_true_at_budget": statistics.median(r["incumbent_true"] for r in runs),
+           "best_at_budget_min": min(c[-1] for c in curves), "best_at_budget_max": max(c[-1] for c in curves),
+           "runs": len(runs), "mean_wall_seconds": statistics.mean(r["wall_seconds"] for r in runs)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ setup per seed
+def setup(seed: int, models: int, workdir: Path, backend: str):
+    from astolfo_opt.search.oracle import CachedOracle, draw_target, make_bench_pool, make_oracle, space_from_bench_pool
+
+    pool, outliers = make_bench_pool(workdir / f"pool_n{models}_s{seed}", models, seed=seed)
+    space = space_from_bench_pool(pool)
+    target = space.candidate(draw_target(space, seed, outliers))
+    oracle = CachedOracle(make_oracle(backend, space, target.spec))
+    return pool, space, target, oracle
+
+
+def _render_hook(pool, prompts: int):
+    """A per-step callable that renders one tiny image with the real pipeline, or ``None`` when rendering is missing."""
+    try:
+        from astolfo_opt.render.pipeline import build_pipeline
+        from astolfo_opt.render.prompts import Prompt
+        from astolfo_opt.render.settings import RenderSettings
+    except ImportError:
+        return None, "astolfo_opt.render is not available yet: render cost counted in prompt steps (1 step = 1 image)"
+    pipe = build_pipeline(str(pool.base), variant="sd1", device="auto")
+    settings = RenderSettings(width=64, height=64, steps=4, guidance_scale=5.0, scheduler="euler", clip_skip=1, batch_size=1)
+
+    def render(step: int) -> None:
+        pipe.render([Prompt(f"a photo, prompt {step}", seed=step)], settings)
+
+    return render, "real tiny renders (astolfo_opt.render, 64x64, 4 steps) per prompt step"
+
+
+# ------------------------------------------------------------------------------------------------ modes
+def bench_search(args, seeds: list[int], names: list[str], workdir: Path) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    per_seed: list[dict[str, Any]] = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        _, space, _, oracle = setup(seed, args.models, workdir, args.oracle)
+        row: dict[str, Any] = {"seed": seed, "setup_seconds": round(time.perf_counter() - t0, 1), "strategies": {}}
+        for name in names:
+            for r in range(repeats_of(args, name)):
+                res = run_strategy(name, space, oracle, trials=args.trials, seed=seed * 1000 + r, noise=args.noise)
+                runs[name].append(res)
+                row["strategies"].setdefault(name, []).append({"best_at_budget": round(res["curve"][-1], 4),
+                                                               "trials_to_95": trials_to(res["curve"], 0.95),
+                                                               "trials_to_90": trials_to(res["curve"], 0.9)})
+                print(f"seed {seed} {name:8s} rep {r}: best {res['curve'][-1]:.4f}  to0.9 {trials_to(res['curve'], 0.9)}  "
+                      f"to0.95 {trials_to(res['curve'], 0.95)}  ({res['wall_seconds']:.1f}s)", flush=True)
+        per_seed.append(row)
+    summary = {n: summarise(runs[n], args.trials) for n in names}
+    return {"default": DEFAULT, "trials": args.trials, "models": args.models, "noise": args.noise, "repeats": args.repeats,
+            "seeds": seeds, "oracle": args.oracle, "space": "inclusion_mbw", "strategies": summary, "per_seed": per_seed,
+            "criteria": criteria(summary, args.trials)}
+
+
+def repeats_of(args, name: str) -> int:
+    """``--repeats``, or a per-strategy override from ``--repeats-of gp=1,...`` (GP is ~100x slower per trial)."""
+    for item in (args.repeats_of or "").split(","):
+        if "=" in item:
+            k, v = item.split("=", 1)
+            if k.strip() == name:
+                return max(int(v), 1)
+    return args.repeats
+
+
+def criteria(summary: dict[str, Any], trials: int) -> dict[str, Any]:
+    """The issue's acceptance test for the default, at 0.95 and (for information) at lower thresholds."""
+    out: dict[str, Any] = {}
+    d = summary.get(DEFAULT)
+    if d is None:
+        return out
+    for th in THRESHOLDS:
+        key = str(th)
+        rnd = summary.get("random", {}).get("trials_to", {}).get(key)
+        mine = d["trials_to"].get(key)
+        rnd_eff = 3 * trials if rnd is None else rnd
+        out[f"faster_than_random_x3@{th}"] = mine is not None and mine * 3 <= rnd_eff
+    if "greedy" in summary:
+        out["ends_at_least_greedy"] = d["best_at_budget"] >= summary["greedy"]["best_at_budget"]
+    return out
+
+
+def bench_pruning(args, seeds: list[int], workdir: Path) -> dict[str, Any]:
+    pruners = [p.strip() for p in args.pruners.split(",") if p.strip()]
+    for p in pruners:
+        if p.partition(":")[0] not in PRUNERS:
+            raise ConfigError(f"--pruners: {p!r} is unknown; use some of {', '.join(PRUNERS)}")
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in pruners}
+    note = None
+    for seed in seeds:
+        pool, space, _, oracle = setup(seed, args.models, workdir, args.oracle)
+        render, note = _render_hook(pool, args.prompts) if args.render else (None, "render cost counted in prompt steps")
+        for p in pruners:
+            for r in range(args.repeats):
+                budget = args.trials if p == "none" else int(args.trials * args.pruned_budget)
+                res = run_strategy(args.pruning_strategy, space, oracle, trials=budget, seed=seed * 1000 + r,
+                                   noise=args.noise, n_steps=args.prompts, pruner=p, render=render)
+                res["key"] = (seed, r)
+                runs[p].append(res)
+                print(f"seed {seed} pruner {p:18s} rep {r}: best {res['curve'][-1]:.4f} steps {res['render_steps']} "
+                      f"pruned {res['pruned']}", flush=True)
+    out: dict[str, Any] = {}
+    base = {r["key"]: r for r in runs.get("none", [])}
+    base_steps = statistics.median(r["render_steps"] for r in base.values()) if base else None
+    for p, rs in runs.items():
+        steps = statistics.median(r["render_steps"] for r in rs)
+        # equal final best: render steps the pruned run needed to first reach the unpruned run's final best
+        eq, reached = [], 0
+        for r in rs:
+            b = base.get(r["key"])
+            if b is None:
+                continue
+            goal = b["curve"][-1]
+            ib = next(j for j, v in enumerate(b["curve"]) if v >= goal - 1e-12)
+            need = max(b["cum_steps"][min(ib, len(b["cum_steps"]) - 1)], 1)  # unpruned steps until it first had its best
+            i = next((j for j, v in enumerate(r["curve"][: len(r["cum_steps"])]) if v >= goal - 1e-12), None)
+            if i is not None:
+                reached += 1
+                eq.append(1 - r["cum_steps"][i] / need)
+            else:  # never reached with twice the trials: all its steps, and counted as a failure
+                eq.append(1 - r["render_steps"] / need)
+        n = len(rs[0]["curve"])
+        out[p] = {"best_at_budget": statistics.median(r["curve"][-1] for r in rs), "trials": n,
+                  "best_at_T": statistics.median(r["curve"][min(args.trials, n) - 1] for r in rs),
+                  "render_steps": steps, "render_seconds": statistics.median(r["render_seconds"] for r in rs),
+                  "render_steps_at_T": statistics.median(r["cum_steps"][min(args.trials, len(r["cum_steps"])) - 1] for r in rs),
+                  "pruned_trials": statistics.median(r["pruned"] for r in rs),
+                  "saving": None if not base_steps else round(1 - steps / base_steps, 4),
+                  "saving_at_equal_best": round(statistics.median(eq), 4) if eq else None,
+                  "reached_unpruned_best": f"{reached}/{len(eq)}",
+                  "curve": [round(statistics.median(r["curve"][i] for r in rs), 5) for i in range(n)]}
+    return {"mode": "pruning", "default": DEFAULT, "strategy": args.pruning_strategy, "trials": args.trials,
+            "models": args.models, "prompts": args.prompts, "noise_of_mean": args.noise, "seeds": seeds, "repeats": args.repeats,
+            "render": note, "pruners": out}
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README table of a result JSON (``python experiments/bench_search.py --table FILE``)."""
+    if "strategies" in result:
+        lines = ["| strategy | trials to 0.95 | to 0.90 | to 0.85 | to 0.80 | best at T (median) | min - max | runs |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for n, s in result["strategies"].items():
+            t = s["trials_to"]
+            name = f"**{n}** (default)" if n == result.get("default") else n
+            lines.append(f"| {name} | {t['0.95'] or '-'} | {t['0.9'] or '-'} | {t['0.85'] or '-'} | {t['0.8'] or '-'} | "
+                         f"{s['best_at_budget']:.3f} | {s['best_at_budget_min']:.3f} - {s['best_at_budget_max']:.3f} | {s['runs']} |")
+        return "\n".join(lines)
+    lines = ["| pruner | render steps in T trials | best at T | steps saved at equal final best (median) | reached unpruned best |",
+             "|---|---|---|---|---|"]
+    for n, s in result["pruners"].items():
+        lines.append(f"| {n} | {s.get('render_steps_at_T', s['render_steps']):.0f} | {s['best_at_T']:.3f} | "
+                     f"{100 * (s['saving_at_equal_best'] or 0):.0f}% | {s['reached_unpruned_best']} |")
+    return "\n".join(lines)
+
+
+def write_png(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from astolfo_opt.checkpoint.writer import atomic_write_bytes
+
+    series = result["strategies"] if "strategies" in result else result["pruners"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for name, s in series.items():
+        lw = 2.6 if name in (result.get("default"), "none") else 1.4
+        ax.plot(range(1, len(s["curve"]) + 1), s["curve"], label=name, lw=lw)
+    ax.axhline(0.95, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("best true s so far (median)")
+    ax.set_ylim(min(0.0, min(min(s["curve"]) for s in series.values())), 1.0)
+    title = "pruning (default strategy)" if "pruners" in result else "search strategies"
+    ax.set_title(f"{title}: N={result['models']}, T={result['trials']}, seeds {result['seeds']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", default="0", help="seed or comma list of seeds (pool + target + sampler)")
+    ap.add_argument("--models", type=int, default=12, help="finetunes in the pool (besides the base)")
+    ap.add_argument("--trials", type=int, default=60, help="trial budget per strategy")
+    ap.add_argument("--noise", type=float, default=0.02, help="σ of the noise the optimiser sees on s")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per seed (sampler / noise seed varies)")
+    ap.add_argument("--repeats-of", default=None, help="per-strategy repeats, e.g. gp=1 (the slow one)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list out of {', '.join(STRATEGIES)}")
+    ap.add_argument("--oracle", default="gram", help="gram (exact, fast) | reference (torch merge) | kernel (astolfo_opt.merge)")
+    ap.add_argument("--mode", default="search", choices=("search", "pruning"))
+    ap.add_argument("--pruners", default="none,incumbent,median,successive_halving,hyperband", help="pruning mode: pruners to compare")
+    ap.add_argument("--pruning-strategy", default=DEFAULT, help="pruning mode: the strategy run with each pruner")
+    ap.add_argument("--pruned-budget", type=float, default=2.0,
+                    help="pruning mode: trial budget of pruned runs as a multiple of --trials (to measure steps at equal best)")
+    ap.add_argument("--prompts", type=int, default=8, help="pruning mode: prompt steps per trial")
+    ap.add_argument("--render", action="store_true", help="pruning mode: really render a tiny image per step when possible")
+    ap.add_argument("--workdir", default=None, help="where pools are generated and reused (default: a temp folder)")
+    ap.add_argument("--json", required=True, help="result JSON path")
+    ap.add_argument("--png", default=None, help="best-so-far curves PNG path")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(markdown_table(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
+    args = parse_args(argv)
+    try:
+        try:
+            seeds = [int(s) for s in str(args.seed).split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seed {args.seed!r}: give an integer or a comma list like 0,1,2") from None
+        names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        bad = [n for n in names if n not in STRATEGIES]
+        if bad:
+            raise ConfigError(f"--strategies: {bad[0]!r} is unknown; use some of {', '.join(STRATEGIES)}")
+        if args.trials < 2 or args.repeats < 1:
+            raise ConfigError("--trials must be >= 2 and --repeats >= 1")
+        import tempfile
+
+        from astolfo_opt.checkpoint.writer import atomic_write_text
+
+        with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
+            workdir = Path(args.workdir) if args.workdir else Path(tmp)
+            result = bench_search(args, seeds, names, workdir) if args.mode == "search" else bench_pruning(args, seeds, workdir)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1))
+        if args.png:
+            Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+            write_png(result, Path(args.png))
+    except AstolfoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.mode == "search":
+        for n, s in result["strategies"].items():
+            print(f"{n:8s} trials_to_95={s['trials_to_95']} to0.9={s['trials_to']['0.9']} best_at_budget={s['best_at_budget']:.4f}")
+        print("criteria:", result["criteria"])
+    else:
+        for p, s in result["pruners"].items():
+            print(f"{p:18s} best@T={s['best_at_T']:.4f} best={s['best_at_budget']:.4f} steps={s['render_steps']} "
+                  f"saving@equal_best={s['saving_at_equal_best']} reached={s['reached_unpruned_best']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Search benchmark (issue 8): the weight-space oracle is exact at its anchors and agrees with a real merge; the
+benchmark script runs every strategy through the real search code and writes valid JSON + PNG; the default
+``staged`` sampler plugs into Optuna and its plan does what it says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from astolfo_opt.search.oracle import (
+    GramOracle,
+    NoisyOracleEvaluator,
+    ReferenceOracle,
+    available_backends,
+    coefficients,
+    draw_target,
+    make_bench_pool,
+    space_from_bench_pool,
+)
+from astolfo_opt.search.strategies import StagedSampler, staged_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "experiments" / "bench_search.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_search"] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture(scope="session")
+def bench_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="session")
+def bench_setup(bench_dir):
+    folder = bench_dir / "pool_n4_s0"
+    pool, outliers = make_bench_pool(folder, 4, seed=0)
+    space = space_from_bench_pool(pool)
+    target = space.candidate(draw_target(space, 0, outliers))
+    return pool, outliers, space, target
+
+
+@pytest.fixture(scope="session")
+def gram(bench_setup):
+    _, _, space, target = bench_setup
+    return GramOracle(space, target.spec)
+
+
+def test_pool_and_target_shape(bench_setup):
+    pool, outliers, space, target = bench_setup
+    assert outliers == ["m03"]
+    assert space.kind == "inclusion_mbw" and set(space.components) == {"unet", "te0"}
+    for comp in ("unet", "te0"):
+        members = {m["model"] for m in target.spec["components"][comp]["members"]}
+        assert len(members) >= 2 and "m03" not in members and "base" not in members
+    alphas = target.spec["components"]["unet"]["alpha"]
+    assert len(alphas) == 25 and all(0.2 <= a <= 1.0 for a in alphas.values())
+    assert target.spec["components"]["unet"]["anchor"] == "base"
+
+
+def test_coefficients_follow_contracts():
+    spec = {"base": "b", "components": {"unet": {"method": "weighted_average", "anchor": "b", "alpha": {"IN00": 0.25},
+                                                 "alpha_default": 1.0, "members": [{"model": "x", "weight": 1.0},
+                                                                                   {"model": "y", "weight": 3.0}]}}}
+    names = ["b", "x", "y"]
+    assert coefficients(spec, names, "unet", "IN00") == pytest.approx([0.75, 0.0625, 0.1875])
+    assert coefficients(spec, names, "unet", "OUT00") == pytest.approx([0.0, 0.25, 0.75])
+    assert coefficients(spec, names, "te0", "BASE") == [1.0, 0.0, 0.0]  # absent component: the base's
+
+
+def test_oracle_anchors_and_agreement(bench_setup, gram):
+    _, _, space, target = bench_setup
+    uniform = space.candidate(space.uniform_params()).spec
+    ref = ReferenceOracle(space, target.spec)
+    assert gram.value(uniform) == pytest.approx(0.0, abs=1e-9)
+    assert gram.value(target.spec) == pytest.approx(1.0, abs=1e-9)
+    assert ref.value(uniform) == pytest.approx(0.0, abs=1e-5)
+    assert ref.value(target.spec) == pytest.approx(1.0, abs=1e-5)
+    base_alone = space.candidate(space.base_params()).spec
+    other = dict(target.params)
+    other["inc.unet.m03"] = 1  # the outlier in: far worse than the target
+    for spec in (base_alone, space.candidate(other).spec):
+        g = gram.value(spec)
+        assert 0.0 < g < 1.0 or g < 0.0
+        assert g == pytest.approx(ref.value(spec), abs=1e-4)
+    assert gram.value(space.candidate(other).spec) < gram.value(target.spec) - 0.2
+
+
+@pytest.mark.skipif("kernel" not in available_backends(), reason="merge kernel not installed")
+def test_kernel_oracle_matches_gram(bench_setup, gram):
+    from astolfo_opt.search.oracle import KernelOracle
+
+    _, _, space, target = bench_setup
+    kern = KernelOracle(space, target.spec)
+    uniform = space.candidate(space.uniform_params()).spec
+    assert kern.value(uniform) == pytest.approx(0.0, abs=1e-4)
+    assert kern.value(target.spec) == pytest.approx(1.0, abs=1e-4)
+    p = dict(target.params)
+    p["alpha.unet.M00"] = 0.0
+    p["inc.te0.m03"] = 1
+    assert kern.value(space.candidate(p).spec) == pytest.approx(gram.value(space.candidate(p).spec), abs=1e-4)
+
+
+def test_noisy_evaluator_reports_prompt_steps(bench_setup, gram):
+    _, _, space, target = bench_setup
+    from astolfo_opt.search.evaluator import TrialContext
+
+    ev = NoisyOracleEvaluator(gram, noise=0.02, seed=1, n_steps=4)
+    batches = list(ev.evaluate(target, TrialContext()))
+    assert [b.step for b in batches] == [1, 2, 3, 4] and ev.steps_run == 4
+    assert ev.true_values == [pytest.approx(1.0)]
+    assert abs(batches[-1].values[0] - 1.0) < 0.2
+
+
+def test_staged_plan_structure():
+    d = {"inc.unet.a": optuna.distributions.IntDistribution(0, 1), "inc.unet.b": optuna.distributions.IntDistribution(0, 1),
+         "alpha.unet.IN00": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    plan = staged_plan(d, seed=0)
+    first = next(plan)
+    assert first == {"inc.unet.a": 1, "inc.unet.b": 1, "alpha.unet.IN00": 1.0}  # uniform average
+    p1 = plan.send(0.0)
+    assert p1["inc.unet.a"] == 0 and p1["inc.unet.b"] == 1  # sweep: one bit flipped
+    p2 = plan.send(0.5)  # dropping a helped
+    assert p2["inc.unet.a"] == 1 and p2["inc.unet.b"] == 0
+    p3 = plan.send(-0.1)  # only a helped -> a stays out, then the alpha line search starts
+    assert p3["inc.unet.a"] == 0 and p3["alpha.unet.IN00"] == pytest.approx(0.75)
+
+
+def test_staged_sampler_optimises_a_separable_toy():
+    """On a noiseless separable toy (4 bits, 2 alphas) the sampler finds the optimum well within 40 trials."""
+    def f(trial: optuna.Trial) -> float:
+        bits = [trial.suggest_int(f"inc.unet.m{i}", 0, 1) for i in range(4)]
+        al = [trial.suggest_float(f"alpha.unet.B{i}", 0.0, 1.0) for i in range(2)]
+        want = [1, 0, 1, 0]
+        return -sum(b != w for b, w in zip(bits, want, strict=True)) - sum((a - 0.4) ** 2 for a in al)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize", sampler=StagedSampler(seed=0))
+    study.optimize(f, n_trials=40)
+    assert study.trials[0].params["inc.unet.m0"] == 1  # starts at the uniform average
+    assert study.best_value > -0.02
+    assert [study.best_params[f"inc.unet.m{i}"] for i in range(4)] == [1, 0, 1, 0]
+
+
+def test_bench_smoke(tmp_path, bench_dir, bench_setup):
+    bench = _bench_module()
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = bench.main(["--seed", "0", "--models", "4", "--trials", "6", "--repeats", "1", "--workdir", str(bench_dir),
+                     "--json", str(out_json), "--png", str(out_png)])
+    assert rc == 0
+    res = json.loads(out_json.read_text())
+    assert res["default"] == "staged" and res["trials"] == 6
+    assert set(res["strategies"]) == set(bench.STRATEGIES)
+    for name, s in res["strategies"].items():
+        assert len(s["curve"]) == 6, name
+        assert all(b >= a - 1e-12 for a, b in zip(s["curve"], s["curve"][1:], strict=False)), name  # best-so-far
+        assert s["trials_to_95"] is None or 1 <= s["trials_to_95"] <= 6
+        assert math.isfinite(s["best_at_budget"]) and s["best_at_budget"] == pytest.approx(s["curve"][-1], abs=1e-5)
+    # every optuna strategy starts at the uniform average (s = 0) through the study's warm start
+    assert res["strategies"]["random"]["curve"][0] == pytest.approx(0.0, abs=1e-9)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_pruning_mode_and_bad_input(tmp_path, capsys, bench_dir, bench_setup):
+    bench = _bench_module()
+    out = tmp_path / "p.json"
+    rc = bench.main(["--mode", "pruning", "--seed", "0", "--models", "4", "--trials", "8", "--prompts", "4",
+                     "--pruners", "none,incumbent", "--workdir", str(bench_dir), "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    none, inc = res["pruners"]["none"], res["pruners"]["incumbent"]
+    assert 0 < none["render_steps"] <= 8 * 4  # 4 prompt steps per evaluated trial (reused duplicates render nothing)
+    assert none["saving"] == 0.0 and none["saving_at_equal_best"] == 0.0
+    assert inc["trials"] == 16  # pruned runs get twice the trials, to find the steps needed for the same best
+    assert inc["pruned_trials"] >= 1 and inc["saving_at_equal_best"] is not None
+    assert bench.main(["--strategies", "nope", "--json", str(tmp_path / "x.json")]) == 2
+    assert "unknown" in capsys.readouterr().err
