@@ -156,3 +156,32 @@ def test_incremental_nan_policy_matches_from_scratch(tmp_path):
         assert torch.isfinite(a.tensors[key]).all()
     with pytest.raises(NonFiniteError, match=f"bad: tensor {key}"):
         IncrementalMerger(device="cpu").merge(mk(["g0", "bad"], "error"), NullSink())
+
+
+def test_recipes_naming_different_subsets_keep_the_caches(pool5):
+    """The search's recipes list only the models they use, so ``recipe.models`` differs from trial to trial. Dropping
+    one UNet member must still read only that model, and leave te0 / vae (same recipe) un-emitted."""
+    names = [p.stem for p in pool5.models]
+    paths = {p.stem: str(p) for p in pool5.all}
+
+    def recipe(unet: list[str]) -> Recipe:
+        te0 = names[:3]
+        used = ["base", *sorted(set(unet) | set(te0))]
+        return Recipe(models={n: paths[n] for n in used}, base="base",
+                      components={"unet": ComponentRecipe("weighted_average", [Member(n, 1.0) for n in unet], anchor="base",
+                                                          alpha={"IN01": 0.5}),
+                                  "te0": ComponentRecipe("weighted_average", [Member(n, 1.0) for n in te0])})
+
+    inc = IncrementalMerger(device="cpu", out_dtype=torch.float32)
+    first = recipe(names)
+    inc.merge(first, NullSink())
+    second = recipe(names[:-1])  # the last model leaves the recipe's model list entirely
+    assert names[-1] not in second.models
+    got = CollectSink()
+    stats = inc.merge(second, got)
+    assert stats.components == ["unet"], stats.components
+    assert stats.models_read == {names[-1]}, stats.models_read  # subtracted from the cached sum, nothing else read
+    want = CollectSink()
+    merge(second, want, out_dtype=torch.float32, components=["unet"])
+    _same(got, want, "subset")
+    inc.close()

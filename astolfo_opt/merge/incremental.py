@@ -86,15 +86,19 @@ class IncrementalMerger:
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def _model_set(self, recipe: Recipe) -> ModelSet:
-        key = tuple(sorted(recipe.models.items()))
-        if self._models is None or self._models_key != key:
-            if self._models is not None:
-                self._models.close()
-            self._models = ModelSet(recipe.models, recipe.arch)
-            self._models_key = key
-            self._state.clear()
-            self._raw.clear()
-            self._raw_bytes = 0
+        """One growing set of open readers: trial recipes name different subsets of the pool, and caches are keyed
+        by model name, so only a name that now points at another file (or another architecture) starts afresh."""
+        if self._models is not None and self._models.serves(recipe.models) and recipe.arch in (None, self._models.arch):
+            self._models.extend(recipe.models)
+            return self._models
+        if self._models is not None:
+            self._models.close()
+        self._models = None
+        self._state.clear()
+        self._raw.clear()
+        self._raw_bytes = 0
+        self._models = ModelSet(recipe.models, recipe.arch)
+        self._models_key = tuple(sorted(recipe.models.items()))
         return self._models
 
     def used_bytes(self) -> int:
@@ -139,7 +143,7 @@ class IncrementalMerger:
                      device=self.device) if plan else 0
         for comp in changed:
             self._state[comp].hash = recipe.component_hash(comp)
-        return MergeStats(models=len(ms.paths), keys=n, seconds=time.perf_counter() - t0,
+        return MergeStats(models=len(recipe.models), keys=n, seconds=time.perf_counter() - t0,
                           bytes_read=sum(k.bytes_read for k in kcs), tensors_read=sum(k.tensors_read for k in kcs),
                           components=changed, models_read=set().union(*(k.models_read for k in kcs)) if kcs else set())
 

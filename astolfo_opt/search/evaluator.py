@@ -107,6 +107,8 @@ class HashingSink:
         self.fingerprints: dict[str, dict[str, list[float]]] = {}
         self._h: dict[str, Any] = {}
         self._fp: dict[str, dict[str, list[float]]] = {}
+        self._keys: dict[str, tuple[str | None, str]] = {}  # key -> (component, MBW block): fixed per study
+        self._signs: dict[str, Any] = {}  # key -> its fixed ±1 projection (a few KB each, made once per study)
 
     def begin(self, plan) -> None:
         self._h = {}
@@ -117,7 +119,10 @@ class HashingSink:
 
         from astolfo_opt.checkpoint.layout import block_of
 
-        comp = component_of(self.arch, key)
+        meta = self._keys.get(key)
+        if meta is None:
+            meta = self._keys[key] = (component_of(self.arch, key), block_of(self.arch, key))
+        comp, block = meta
         if comp not in MERGE_COMPONENTS:
             return
         h = self._h.get(comp)
@@ -126,15 +131,16 @@ class HashingSink:
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{key}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no bytes copy
             if t.is_floating_point():
                 flat = t.reshape(-1)
                 step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
                 d = flat[::step].double()
-                g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1)
-                signs = torch.randint(0, 2, (d.numel(),), generator=g, dtype=torch.int8).double().mul_(2).sub_(1)
-                acc = self._fp.setdefault(comp, {}).setdefault(block_of(self.arch, key), [0.0, 0.0])
-                acc[0] += float((d * signs).sum())
+                signs = self._signs.get(key)
+                if signs is None or signs.numel() != d.numel():
+                    signs = self._signs[key] = _key_signs(key, d.numel())
+                acc = self._fp.setdefault(comp, {}).setdefault(block, [0.0, 0.0])
+                acc[0] += float(torch.dot(d, signs))
                 acc[1] += float(d.abs().sum())
 
     def end(self) -> None:
@@ -142,6 +148,14 @@ class HashingSink:
         self.fingerprints.update(self._fp)
         self._h = {}
         self._fp = {}
+
+
+def _key_signs(key: str, n: int):
+    """The fixed pseudo-random ±1 vector of ``key`` (seeded by the key name, so every process agrees)."""
+    import torch
+
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1)
+    return torch.randint(0, 2, (n,), generator=g, dtype=torch.int8).double().mul_(2).sub_(1)
 
 
 def fingerprints_close(a: Mapping[str, Any], b: Mapping[str, Any], rtol: float = 1e-6) -> bool:
