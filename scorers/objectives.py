@@ -221,7 +221,7 @@ class Objective:
             _, h_rows = self._combine({s.name: h_raw[s.name] for s in self.scorers}, len(holdout_images))
             for j, obj_name in enumerate(self.names):
                 holdout[f"heldout_prompts/{obj_name}"] = finite_mean([row[j] for row in h_rows])
-            for s in self.holdout:
+            for s in self.scorers + self.holdout:  # raw per-scorer means too: which scorer moved
                 holdout[f"heldout_prompts/{s.name}"] = finite_mean(h_raw[s.name])
         return ObjectiveResult(values=values, per_scorer=main_raw, normalised=normed, per_image=per_image, holdout=holdout)
 

@@ -106,7 +106,8 @@ def test_holdout_scorer_and_heldout_prompts_reported_not_optimised():
     assert res.values == pytest.approx([2.0]) and "guard" not in res.per_scorer
     assert res.holdout == pytest.approx({"guard": 0.3})
     res = obj.evaluate(IMAGES, PROMPTS, holdout_images=[7, 8], holdout_prompts=["x", "y"])
-    assert res.holdout == pytest.approx({"guard": 0.3, "heldout_prompts/objective": 1.5, "heldout_prompts/guard": 0.15})
+    assert res.holdout == pytest.approx({"guard": 0.3, "heldout_prompts/objective": 1.5, "heldout_prompts/a": 1.5,
+                                         "heldout_prompts/guard": 0.15})
     assert a.calls == 3 and guard.calls == 3  # once per evaluate plus once for the held-out prompt set
     with pytest.raises(ConfigError, match="both"):
         obj.evaluate(IMAGES, PROMPTS, holdout_images=[1])

@@ -9,6 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from astolfo_opt.errors import AstolfoError
 from astolfo_opt.search.app import run_search
 from astolfo_opt.search.study import open_storage_url
 from astolfo_opt.testing.factory import ModelSpec, make_checkpoint, make_pool
@@ -73,7 +74,7 @@ def test_pipeline_study_prunes_and_exports(pool_dir, tmp_path):
     from scorers.testing import demo_objective_config
 
     scorer = demo_objective_config(tmp_path / "scorer", device="cpu")
-    render = {"prompt_set": "tiny", "n_prompts": 4, "batch_size": 1,
+    render = {"prompt_set": "tiny", "n_prompts": 4, "batch_size": 1, "heldout_prompt_set": "heldout", "heldout_n_prompts": 2,
               "steps": 2, "width": 64, "height": 64}
     cfg = base_cfg(pool_dir, tmp_path, n_trials=6, evaluator={"kind": "pipeline", "out_dtype": "fp16"}, scorer=scorer,
                    render=render, pruner={"name": "median", "n_startup_trials": 2})
@@ -86,5 +87,21 @@ def test_pipeline_study_prunes_and_exports(pool_dir, tmp_path):
     assert t.user_attrs["time"]["render"] > 0 and t.user_attrs["prompt_set_hash"]
     pngs = list((tmp_path / "artifacts").rglob("*"))
     assert len([p for p in pngs if p.is_file()]) >= 2 * len(counted)  # grid + recipe per trial
-    exp = export_trial(open_storage_url(f"sqlite:///{tmp_path / 'study.db'}"), "e2e", tmp_path / "best.safetensors", device="cpu")
-    assert exp.verified
+    # the held-out prompts are rendered for finished trials only and reported beside the objective, never optimised
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert all(set(x.user_attrs["holdout"]) == {"heldout_prompts/objective", "heldout_prompts/clip", "heldout_prompts/aesthetic"}
+               or "cached_from" in x.user_attrs for x in done)
+    assert all("holdout" not in x.user_attrs for x in study.get_trials(states=(TrialState.PRUNED,)))
+    assert abs(t.user_attrs["holdout"]["heldout_prompts/objective"] - t.value) > 0  # other prompts, another value
+    storage = open_storage_url(f"sqlite:///{tmp_path / 'study.db'}")
+    exp = export_trial(storage, "e2e", tmp_path / "best.safetensors", device="cpu")
+    assert exp.verified and json.loads(exp.metadata["astolfo_opt_holdout"]) == t.user_attrs["holdout"]
+    # a failed check never replaces an earlier export at the target name, and leaves no partial file behind
+    before = (tmp_path / "best.safetensors").read_bytes()
+    forged = optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.value,
+                                       user_attrs={**t.user_attrs, "component_hashes": {"unet": "0" * 32}, "fingerprints": {}})
+    study.add_trial(forged)  # a trial whose recorded tensors are not what its recipe merges to
+    with pytest.raises(AstolfoError, match="differ from what the trial scored"):
+        export_trial(storage, "e2e", tmp_path / "best.safetensors", trial=study.trials[-1].number, device="cpu")
+    assert (tmp_path / "best.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

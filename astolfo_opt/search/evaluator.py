@@ -372,6 +372,12 @@ class PipelineEvaluator(Evaluator):
         self.prompts = list(self.prompt_set.prompts)[: int(n)] if n else list(self.prompt_set.prompts)
         self.prompt_set_hash = self.prompt_set.hash
         self.prompt_set_name = self.prompt_set.name
+        # A held-out prompt set, rendered only for trials that finish (never for pruned ones) and scored beside the
+        # objective, never optimised: a merge that games the scorer on the search prompts shows up as a gap here.
+        hps = rc.get("heldout_prompt_set")
+        self.heldout = list(load_prompt_set(_resolve_prompt_set(hps)).prompts) if hps else []
+        if self.heldout and rc.get("heldout_n_prompts"):
+            self.heldout = self.heldout[: int(rc["heldout_n_prompts"])]
         fields = {k: rc[k] for k in ("width", "height", "steps", "guidance_scale", "scheduler", "clip_skip", "batch_size") if k in rc}
         self.settings = RenderSettings(**fields)
         bs = max(int(getattr(self.settings, "batch_size", 1) or 1), 1)
@@ -402,6 +408,7 @@ class PipelineEvaluator(Evaluator):
             ctx.fingerprints = dict(self.hasher.fingerprints)
         n_obj = len(self.names)
         sums, count = [0.0] * n_obj, 0
+        holdout: dict[str, list[float]] = {}  # holdout scorer -> [sum, count] over the search prompts' images
         t_r = time.perf_counter()
         for batch in self.pipe.render_batches(self.prompts, self.settings):
             t_s = time.perf_counter()
@@ -410,6 +417,12 @@ class PipelineEvaluator(Evaluator):
             texts = [p.prompt for p, _ in batch]
             res = self.objective.evaluate(images, texts)
             ctx.timings["score"] += time.perf_counter() - t_s
+            for name, v in res.holdout.items():
+                acc = holdout.setdefault(name, [0.0, 0])
+                acc[0] += float(v) * len(batch)
+                acc[1] += len(batch)
+            if holdout:
+                ctx.extras["holdout"] = {k: a / n for k, (a, n) in holdout.items() if n}
             rows = []
             for i, (p, _) in enumerate(batch):
                 vals = res.per_image[i] if res.per_image else res.values
@@ -420,6 +433,18 @@ class PipelineEvaluator(Evaluator):
             yield BatchResult(count, [s / count for s in sums], rows=rows, images=images,
                               labels=[f"{p.prompt[:40]} | s{p.seed}" for p, _ in batch])
             t_r = time.perf_counter()
+        if self.heldout:  # reached only when the trial was not pruned (the objective stops iterating on a prune)
+            ctx.extras.setdefault("holdout", {}).update(self.heldout_check())
+            ctx.timings["render"] += time.perf_counter() - t_r
+
+    def heldout_check(self) -> dict[str, float]:
+        """Render the held-out prompt set with the current weights and score it (``heldout_prompts/<objective>``)."""
+        images, texts = [], []
+        for batch in self.pipe.render_batches(self.heldout, self.settings):
+            images += [img for _, img in batch]
+            texts += [p.prompt for p, _ in batch]
+        res = self.objective.evaluate(images[:1], texts[:1], holdout_images=images, holdout_prompts=texts)
+        return {k: float(v) for k, v in res.holdout.items() if k.startswith("heldout_prompts/")}
 
 
 def _resolve_prompt_set(ps: str | Path) -> Path:

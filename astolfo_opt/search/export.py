@@ -11,6 +11,7 @@ hash, beside what the merge sink adds itself (A1111 ``sd_merge_*`` keys).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from astolfo_opt.checkpoint.writer import clean_stale_partials, partial_path
 from astolfo_opt.errors import AstolfoError, ConfigError
 
 DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
@@ -75,6 +77,8 @@ def trial_metadata(study: optuna.Study, t: optuna.trial.FrozenTrial) -> dict[str
         "astolfo_opt_recipe_hash": str(ua.get("recipe_hash")),
         "astolfo_opt_tensor_hash": str(ua.get("tensor_hash")),
     }
+    if ua.get("holdout"):
+        meta["astolfo_opt_holdout"] = json.dumps(ua["holdout"], sort_keys=True)
     return meta
 
 
@@ -108,16 +112,24 @@ def export_trial(storage: Any, study_name: str, out: str | Path, *, trial: str |
     meta = trial_metadata(study, t)
     dtype = getattr(torch, DTYPES[str(t.user_attrs.get("out_dtype", "fp16"))])
     hasher = HashingSink(spec["arch"])
-    merge(recipe, TeeSink(SafetensorsSink(out, merge_metadata(recipe, meta)), hasher), device=device, out_dtype=dtype)
-    recorded = t.user_attrs.get("component_hashes") or {}
-    prints = t.user_attrs.get("fingerprints") or {}
-    verified: str | None = None
-    if verify and recorded:
-        differ = [c for c, h in recorded.items() if hasher.hashes.get(c) != h]
-        bad = [c for c in differ if not (c in prints and fingerprints_close(prints[c], hasher.fingerprints.get(c, {})))]
-        if bad:
-            out.unlink(missing_ok=True)
-            raise AstolfoError(f"export of trial {t.number}: merged {', '.join(bad)} differ from what the trial scored "
-                               "(pool files changed, or another device/dtype); no file written (--no-verify to export anyway)")
-        verified = "identical" if not differ else f"equal up to incremental-merge rounding in {', '.join(differ)}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(out.parent)
+    # Written complete under a hidden staging name, checked, and only then renamed onto ``out``: a failed check (or a
+    # kill) never replaces an earlier export at that name.
+    staging = partial_path(out)
+    try:
+        merge(recipe, TeeSink(SafetensorsSink(staging, merge_metadata(recipe, meta)), hasher), device=device, out_dtype=dtype)
+        recorded = t.user_attrs.get("component_hashes") or {}
+        prints = t.user_attrs.get("fingerprints") or {}
+        verified: str | None = None
+        if verify and recorded:
+            differ = [c for c, h in recorded.items() if hasher.hashes.get(c) != h]
+            bad = [c for c in differ if not (c in prints and fingerprints_close(prints[c], hasher.fingerprints.get(c, {})))]
+            if bad:
+                raise AstolfoError(f"export of trial {t.number}: merged {', '.join(bad)} differ from what the trial scored "
+                                   "(pool files changed, or another device/dtype); no file written (--no-verify to export anyway)")
+            verified = "identical" if not differ else f"equal up to incremental-merge rounding in {', '.join(differ)}"
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
     return ExportResult(out, study_name, t.number, list(t.values) if t.values else None, dict(hasher.hashes), verified, meta)

@@ -99,7 +99,7 @@ class TrialObjective:
             trial.set_user_attr("repaired", cand.repaired)
         if self.reuse_duplicates and (dup := self._duplicate_of(trial, h)) is not None:
             for k in ("tensor_hash", "component_hashes", "fingerprints", "scores", "objective_names", "scorer_names",
-                      "prompt_set_hash", "out_dtype"):
+                      "prompt_set_hash", "out_dtype", "holdout"):
                 if k in dup.user_attrs:
                     trial.set_user_attr(k, dup.user_attrs[k])
             trial.set_user_attr("cached_from", dup.number)
@@ -138,6 +138,8 @@ class TrialObjective:
                 trial.set_user_attr("fingerprints", ctx.fingerprints)
             if ctx.merge_info:
                 trial.set_user_attr("merge", ctx.merge_info)
+            if ctx.extras.get("holdout"):
+                trial.set_user_attr("holdout", ctx.extras["holdout"])  # reported, never optimised
         for batch in ev.evaluate(cand, ctx):
             rows += batch.rows
             images += batch.images
