@@ -48,17 +48,35 @@ def classical_mds(dist: np.ndarray, dims: int = 2) -> tuple[np.ndarray, float]:
     return coords, share
 
 
+def _label_offsets(coords: np.ndarray, step: float = 8.0) -> list[float]:
+    """Vertical label offsets (points) so that labels of near-coincident models (near-duplicates, tight clusters)
+    stack instead of printing over each other: a label whose box (about 10% x 4% of the map's extent) would touch an
+    earlier one moves down a line."""
+    span = float(np.ptp(coords, axis=0).max()) if len(coords) else 0.0
+    wx, wy = (0.10 * span, 0.04 * span) if span > 0 else (1e-12, 1e-12)
+    out: list[float] = []
+    for i, (x, y) in enumerate(coords):
+        k = sum(1 for j in range(i) if abs(coords[j][0] - x) <= wx and abs(coords[j][1] - y) <= wy)
+        out.append(-step * k)
+    return out
+
+
 def _map_panel(ax, names: list[str], coords: np.ndarray, share: float, title: str, base_xy: np.ndarray | None,
                base_label: str | None, outliers: set[str], clusters: list[list[str]]) -> None:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
     colour = {n: cmap(ci % 10) for ci, grp in enumerate(clusters) for n in grp}
-    for name, (x, y) in zip(names, coords, strict=True):
+    offsets = _label_offsets(coords)
+    for name, (x, y), dy in zip(names, coords, offsets, strict=True):
         out = name in outliers
-        ax.scatter([x], [y], s=46, color=colour.get(name, "grey"), marker="X" if out else "o",
-                   edgecolors="red" if out else "black", linewidths=0.6, zorder=3)
-        ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, color="red" if out else "black")
+        if name == base_label and base_xy is None:  # the base is a pool member: it is the reference, mark it so
+            ax.scatter([x], [y], s=140, marker="*", color="gold", edgecolors="black", linewidths=0.8, zorder=4)
+        else:
+            ax.scatter([x], [y], s=46, color=colour.get(name, "grey"), marker="X" if out else "o",
+                       edgecolors="red" if out else "black", linewidths=0.6, zorder=3)
+        ax.annotate(name, (x, y), xytext=(4, 4 + dy), textcoords="offset points", fontsize=7, color="red" if out else "black",
+                    fontweight="bold" if name == base_label else "normal")
     if base_xy is not None:
         ax.scatter([base_xy[0]], [base_xy[1]], s=140, marker="*", color="gold", edgecolors="black", linewidths=0.8, zorder=4)
         ax.annotate(base_label or "base", tuple(base_xy), xytext=(4, -10), textcoords="offset points", fontsize=7,
