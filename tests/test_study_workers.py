@@ -56,25 +56,27 @@ def _spawn(cfg: dict) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("journal", [False, True], ids=["sqlite", "journal"])
-def test_two_workers_share_total(pool_dir, tmp_path, journal):
+def test_four_workers_share_total(pool_dir, tmp_path, journal):
+    """4 worker processes started together on one SQLite file (retries on lock / table creation) or one journal file
+    finish exactly n_trials counted trials: none lost, none duplicated, none left running."""
     storage = {"kind": "journal"} if journal else {"kind": "rdb"}
-    cfg = cfg_for(pool_dir, tmp_path, n_trials=10, storage=storage, evaluator={"sleep": 0.05},
+    cfg = cfg_for(pool_dir, tmp_path, n_trials=16, storage=storage, evaluator={"sleep": 0.05},
                   pruner={"name": "median", "n_startup_trials": 3}, reuse_duplicates=False)
     if journal:
         cfg["storage"] = {"kind": "journal"}
-    procs = [_spawn(cfg) for _ in range(2)]
+    procs = [_spawn(cfg) for _ in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err.decode()[-2000:]
     study = load(tmp_path, journal=journal)
     trials = study.get_trials()
     counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(counted) == 10
+    assert len(counted) == 16
     assert len({t.number for t in trials}) == len(trials)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
     workers = {t.user_attrs["worker"]["pid"] for t in counted}
-    assert len(workers) == 2, "both workers should have run trials"
+    assert len(workers) >= 3, f"the workers should share the trials, got {len(workers)} distinct"
 
 
 def test_resume_after_sigkill(pool_dir, tmp_path):
