@@ -326,3 +326,43 @@ class _FailingAfter:
 
     def abort(self):
         self.inner.abort()
+
+
+class DirectSink(CollectSink):
+    """A sink that, like the live-pipeline swap, offers a flat fp32 destination per UNet key for the fused write."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.written: set[str] = set()
+
+    def begin(self, plan) -> None:
+        super().begin(plan)
+        self.buffers = {pt.key: torch.full((int(torch.Size(pt.shape).numel()),), float("nan")) for pt in plan
+                        if pt.key.startswith("model.diffusion_model.")}
+
+    def direct_target(self, key: str):
+        return self.buffers.get(key)
+
+    def mark_written(self, key: str) -> None:
+        self.written.add(key)
+
+
+@pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
+def test_direct_destination_gets_exactly_the_emitted_tensor(nan_pair, monkeypatch, chunk):
+    """The fused write (kernel narrows straight into the swap's parameters) must hold the very values handed to
+    ``consume`` - also for a key recomputed under ``nan_policy: drop_model``, whose first (NaN) result must never
+    stay in the destination."""
+    import astolfo_opt.merge.kernel as kernel
+
+    if chunk:
+        monkeypatch.setattr(kernel, "_CHUNK", chunk)  # every UNet tensor takes the slice-by-slice path
+    key, good, bad = nan_pair
+    recipe = Recipe.average([good, bad])
+    recipe.nan_policy = "drop_model"
+    sink = DirectSink()
+    merge(recipe, sink, out_dtype=torch.float16, components=["unet"], threads=2)
+    assert len(sink.written) > 100 and key not in sink.written  # the recomputed key went the copying way
+    for k in sink.written:
+        assert torch.equal(sink.buffers[k], sink.tensors[k].float().reshape(-1)), k
+    assert torch.allclose(sink.tensors[key].double(), _t(good, key), atol=1e-3)

@@ -449,12 +449,34 @@ def add_into(acc: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
     return acc
 
 
+class _Direct(threading.local):
+    """Per worker thread: where the key being computed may also be written (a live module's parameter, see
+    :func:`run_plan`), and whether the final :func:`narrow` did write it."""
+
+    dest: torch.Tensor | None = None
+    wrote: bool = False
+
+
+_direct = _Direct()
+
+
 def narrow(acc: torch.Tensor, scale: float, out_dtype: torch.dtype, *, inplace: bool = True) -> torch.Tensor:
     """``acc * scale`` as a new ``out_dtype`` tensor, slice by slice (scale same-dtype, then a vectorised narrowing
-    copy: ~2x faster than a mixed-dtype ``mul(out=)``). ``inplace=False`` leaves ``acc`` untouched (cached sums)."""
+    copy: ~2x faster than a mixed-dtype ``mul(out=)``). ``inplace=False`` leaves ``acc`` untouched (cached sums).
+
+    When the sink offered a direct destination for this key (:func:`run_plan`), each narrowed slice is also copied
+    into it while it is still in cache: the swap into a live pipeline then costs no second pass over the model."""
     out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    dest = _direct.dest
+    if dest is not None and (dest.numel() != acc.numel() or dest.device != acc.device):
+        dest = None
+    _direct.dest = None  # one key, one final narrowing
     if acc.device.type != "cpu" or acc.numel() <= _CHUNK:
-        return torch.mul(acc, scale, out=out) if scale != 1.0 else out.copy_(acc)
+        out = torch.mul(acc, scale, out=out) if scale != 1.0 else out.copy_(acc)
+        if dest is not None:
+            dest.copy_(out.view(-1))
+        _direct.wrote = dest is not None  # a recomputed key (NaN policy) is then handed over by copy, not direct
+        return out
     a, o = acc.view(-1), out.view(-1)
     buf = None if inplace else _chunk_buffer(acc.dtype, acc.device)
     n = a.numel()
@@ -466,6 +488,9 @@ def narrow(acc: torch.Tensor, scale: float, out_dtype: torch.dtype, *, inplace: 
             o[i:j].copy_(a[i:j].mul_(scale))
         else:
             o[i:j].copy_(torch.mul(a[i:j], scale, out=buf[: j - i]))
+        if dest is not None:
+            dest[i:j].copy_(o[i:j])
+    _direct.wrote = dest is not None
     return out
 
 
@@ -545,7 +570,33 @@ def run_plan(plan: list[PlannedTensor], compute, sink: MergeSink, *, threads: in
         return _run_plan(plan, compute, sink, threads, progress, desc)
 
 
+def _direct_compute(compute, sink: MergeSink):
+    """Wrap ``compute`` so that a sink offering ``direct_target(key)`` (the live-pipeline swap) receives the key's
+    final narrowing pass in place; returns ``(tensor, written)`` per key."""
+    target = getattr(sink, "direct_target", None)
+    if target is None or not hasattr(sink, "mark_written"):
+        return lambda pt: (compute(pt), False)
+
+    def run(pt: PlannedTensor) -> tuple[torch.Tensor, bool]:
+        _direct.dest, _direct.wrote = target(pt.key), False
+        try:
+            t = compute(pt)
+            return t, _direct.wrote
+        finally:
+            _direct.dest, _direct.wrote = None, False
+
+    return run
+
+
 def _run_plan(plan: list[PlannedTensor], compute, sink: MergeSink, threads: int, progress: bool, desc: str) -> int:
+    work = _direct_compute(compute, sink)
+
+    def hand_over(pt: PlannedTensor, result: tuple[torch.Tensor, bool]) -> None:
+        t, written = result
+        if written:
+            sink.mark_written(pt.key)  # type: ignore[attr-defined]
+        sink.consume(pt.key, t)
+
     bar = None
     if progress:
         from tqdm import tqdm
@@ -557,7 +608,7 @@ def _run_plan(plan: list[PlannedTensor], compute, sink: MergeSink, threads: int,
         if threads <= 1 or _plan_bytes(plan) < INLINE_PLAN_BYTES:
             # Small plans (tiny models, one changed block): thread hand-offs would cost more than the arithmetic.
             for pt in plan:
-                sink.consume(pt.key, compute(pt))
+                hand_over(pt, work(pt))
                 done += 1
                 if bar:
                     bar.update()
@@ -567,16 +618,16 @@ def _run_plan(plan: list[PlannedTensor], compute, sink: MergeSink, threads: int,
             window: deque[tuple[PlannedTensor, Future]] = deque()
             it: Iterator[PlannedTensor] = iter(plan)
             for pt in it:
-                window.append((pt, pool.submit(compute, pt)))
+                window.append((pt, pool.submit(work, pt)))
                 if len(window) >= 2 * threads:
                     break
             while window:
                 pt, fut = window.popleft()
-                t = fut.result()
+                res = fut.result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    window.append((nxt, pool.submit(compute, nxt)))
-                sink.consume(pt.key, t)
+                    window.append((nxt, pool.submit(work, nxt)))
+                hand_over(pt, res)
                 done += 1
                 if bar:
                     bar.update()

@@ -199,6 +199,7 @@ class SwapSink:
         self._component_keys = component_keys
         self._cuda = any(p.is_cuda for rs in targets.values() for p, _ in rs)
         self.seen: set[str] = set()
+        self._written: set[str] = set()
         self.ignored: list[str] = []
         self.components: list[str] = []
         #: per component touched by the last swap, canonical keys that were not emitted (their old values stay)
@@ -206,17 +207,38 @@ class SwapSink:
 
     def begin(self, plan: list[Any]) -> None:
         self.seen = set()
+        self._written = set()
         self.ignored = []
         self.components = sorted({p.component for p in plan if p.component in self._component_keys})
+
+    def direct_target(self, key: str) -> torch.Tensor | None:
+        """A flat view of the one parameter ``key`` fills by a plain reshape, for the merge kernel to write its
+        final narrowing pass into (fused, while the slice is in cache) instead of a second full pass in
+        :meth:`consume`. ``None`` for keys with a transpose / q-k-v split or several targets (they are copied).
+        Called from merge worker threads: read-only lookups only."""
+        rules = self._targets.get(key)
+        if rules is None or len(rules) != 1:
+            return None
+        param, rule = rules[0]
+        if rule.op != "reshape" or not param.is_contiguous():
+            return None
+        return param.detach().view(-1)
+
+    def mark_written(self, key: str) -> None:
+        """The kernel wrote ``key`` through :meth:`direct_target`: :meth:`consume` only records it."""
+        self._written.add(key)
 
     def consume(self, key: str, tensor: torch.Tensor) -> None:
         rules = self._targets.get(key)
         if rules is None:
             self.ignored.append(key)  # non-merge keys and the documented no-target keys
             return
-        with torch.no_grad():
-            for param, rule in rules:
-                param.copy_(rule.apply(tensor, param.shape))
+        if key in self._written:
+            self._written.discard(key)
+        else:
+            with torch.no_grad():
+                for param, rule in rules:
+                    param.copy_(rule.apply(tensor, param.shape))
         self.seen.add(key)
         comp = component_of(self.arch, key)
         if comp and comp not in self.components:

@@ -184,6 +184,16 @@ class TeeSink:
         for s in self.sinks:
             s.begin(plan)
 
+    def direct_target(self, key: str):
+        """The first sink's direct destination (see :meth:`SwapSink.direct_target`); the others still get the tensor."""
+        fn = getattr(self.sinks[0], "direct_target", None) if self.sinks else None
+        return fn(key) if fn is not None else None
+
+    def mark_written(self, key: str) -> None:
+        fn = getattr(self.sinks[0], "mark_written", None) if self.sinks else None
+        if fn is not None:
+            fn(key)
+
     def consume(self, key: str, tensor) -> None:
         for s in self.sinks:
             s.consume(key, tensor)
