@@ -155,6 +155,13 @@ class ModelSet:
     def read(self, model: str, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.readers[model].read(self.index[model][key], out)
 
+    def mappable(self, model: str) -> bool:
+        return self.readers[model].format == "safetensors"
+
+    def view(self, model: str, key: str) -> torch.Tensor:
+        """A read-only view into the file mapping (never write to it)."""
+        return self.readers[model].get(self.index[model][key])
+
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
@@ -238,17 +245,22 @@ class KeyComputer:
             self.models_read.add(model)
 
     # -- reading with repairs ------------------------------------------------------------------------------------
-    def load(self, model: str, key: str, transient: bool = False) -> torch.Tensor | None:
+    def load(self, model: str, key: str, transient: bool = False, mapped: bool = False) -> torch.Tensor | None:
         """The model's tensor for ``key`` on the compute device, shape-repaired; None if the model lacks it.
 
         ``transient=True`` (CPU) reads into this thread's reusable buffer: valid only until the thread's next
         transient load, so the caller must consume it at once. Fresh multi-MB allocations page-fault on every use
-        (measured ~3x the cost of the widening copy itself), so the hot loop avoids them."""
+        (measured ~3x the cost of the widening copy itself), so the hot loop avoids them.
+        ``mapped=True`` (CPU, safetensors) returns a read-only view of the file mapping: no copy at all, for the
+        incremental merger's few-model updates (a full merge reads with pread instead, so mapped pages of dozens
+        of files never pile up in its resident set)."""
         if not self.models.has(model, key):
             return None
         if self.device.type == "cuda":
             return self._load_cuda(model, key)
-        if transient:
+        if mapped and self.models.mappable(model):
+            t = self.models.view(model, key)
+        elif transient:
             info = self.models.info(model, key)
             buf = scratch("read", info.nbytes, self.device)
             out = buf[: info.nbytes].view(info.dtype).view(info.shape) if info.nbytes and info.shape else None
@@ -492,6 +504,64 @@ def narrow(acc: torch.Tensor, scale: float, out_dtype: torch.dtype, *, inplace: 
             dest[i:j].copy_(o[i:j])
     _direct.wrote = dest is not None
     return out
+
+
+def update_and_narrow(s: torch.Tensor, adds: list[tuple[torch.Tensor, float]], scale: float, out_dtype: torch.dtype,
+                      anchor: torch.Tensor | None = None, anchor_weight: float = 0.0) -> tuple[torch.Tensor, bool]:
+    """The incremental merger's whole per-key update in one pass over the cached fp32 sum ``s``:
+    ``s += Σ d·t`` (in place), then the output ``scale·s`` (or ``scale·s + anchor_weight·anchor``) narrowed to
+    ``out_dtype`` - slice by slice on CPU, so each slice of ``s`` is read and written once while in cache instead
+    of once per step (add, finite check, narrow). Arithmetic per element is the same as the step-by-step form.
+    Returns ``(out, finite)``; ``finite`` is False when an added tensor brought NaN / Inf into ``s`` (the caller
+    then rebuilds that key with per-model checks). Honours the direct destination like :func:`narrow`."""
+    def combine(chunk: torch.Tensor, anc: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
+        if anc is None:
+            return torch.mul(chunk, scale, out=buf) if scale != 1.0 else chunk
+        return torch.mul(chunk, scale, out=buf).add_(anc, alpha=anchor_weight)
+
+    if s.device.type != "cpu" or s.numel() <= _CHUNK:
+        for t, d in adds:
+            add_into(s, t, d)
+        finite = not adds or _all_finite(s)
+        if anchor is None:
+            return narrow(s, scale, out_dtype, inplace=False), finite
+        return narrow(torch.mul(s, scale).add_(anchor, alpha=anchor_weight), 1.0, out_dtype), finite
+    dest = _direct.dest
+    if dest is not None and dest.numel() != s.numel():
+        dest = None
+    _direct.dest = None
+    out = torch.empty(s.shape, dtype=out_dtype, device=s.device)
+    sv, o = s.view(-1), out.view(-1)
+    flat = [(t.reshape(-1), d) for t, d in adds]
+    av = anchor.reshape(-1) if anchor is not None else None
+    wide, buf = _chunk_buffer(s.dtype, s.device), _chunk_buffer2(s.dtype, s.device)
+    finite, n = True, sv.numel()
+    for i in range(0, n, _CHUNK):
+        j = min(i + _CHUNK, n)
+        c = sv[i:j]
+        for x, d in flat:
+            w = wide[: j - i]
+            w.copy_(x[i:j])
+            c.add_(w, alpha=d)
+        if flat and finite and not bool(torch.isfinite(c.sum())) and not bool(torch.isfinite(c).all()):
+            finite = False
+        r = combine(c, None if av is None else av[i:j], buf[: j - i])
+        o[i:j].copy_(r)
+        if dest is not None:
+            dest[i:j].copy_(o[i:j])
+    _direct.wrote = dest is not None
+    return out, finite
+
+
+def _chunk_buffer2(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A second per-thread slice buffer (the fused update needs one for widening and one for the result)."""
+    key = ("second", dtype, device)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    if key not in bufs:
+        bufs[key] = torch.empty(_CHUNK, dtype=dtype, device=device)
+    return bufs[key]
 
 
 def scratch(name: str, nbytes: int, device: torch.device) -> torch.Tensor:
