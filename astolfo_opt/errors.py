@@ -32,7 +32,8 @@ class MissingFileError(ConfigError):
     def __init__(self, path: str | Path, config_key: str, what: str = "file"):
         self.path = str(path)
         self.config_key = config_key
-        super().__init__(f"{what} not found: {path} (set it with `{config_key}=/path/to/file`)")
+        kind = "folder" if "folder" in what or config_key.endswith(("folder", "_dir", "dir")) else "file"
+        super().__init__(f"{what} not found: {path} (set it with `{config_key}=/path/to/{kind}`)")
 
 
 class NonFiniteError(AstolfoError):

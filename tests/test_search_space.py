@@ -110,3 +110,21 @@ def test_bad_config(pool):
         SearchSpace(pool, {"kind": "nope"})
     with pytest.raises(ConfigError, match="missing"):
         SearchSpace(pool, {"kind": "inclusion"}).candidate({})
+
+
+def test_without_base_the_first_model_supplies_the_vae(pool_dir, tmp_path):
+    """No pool.base: the unsearched VAE (and keys pruned models lack) come from the first pool model - the file the
+    render pipeline is built from - so the exported merge has a VAE and equals what the trial rendered."""
+    from astolfo_opt.merge.kernel import merge
+    from astolfo_opt.merge.sinks import CollectSink
+    from astolfo_opt.search.space import spec_to_recipe
+
+    p = resolve_pool({"folder": str(pool_dir), "exclude": ["m04_nan", "base"]}, cache_file=tmp_path / "f.json")
+    sp = SearchSpace(p, {"kind": "inclusion"})
+    c = sp.candidate({**sp.uniform_params(), "inc.unet.m01": 0})
+    assert c.spec["base"] == p.names[0] == "m00" and "m00" in c.spec["models"]
+    assert any("no pool.base" in line for line in sp.describe())
+    sink = CollectSink()
+    merge(spec_to_recipe(c.spec), sink, device="cpu")
+    vae = [k for k in sink.tensors if k.startswith("first_stage_model.")]
+    assert len(vae) > 100

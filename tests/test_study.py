@@ -198,3 +198,29 @@ def test_hashing_sink_and_fingerprints():
     # a later incremental merge that emits only te0 keeps the unet hash
     e = run({keys[2]: ts[keys[2]]}, previous=a.hashes)
     assert e.hashes["unet"] == a.hashes["unet"]
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("group", ["sampler", "pruner"])
+def test_every_shipped_sampler_and_pruner_config_builds(group):
+    """Each conf/sampler/*.yaml and conf/pruner/*.yaml, composed through Hydra as `astolfo-opt search` would, builds
+    its Optuna object (a shipped name the factory does not know, or an option it rejects, fails here)."""
+    from hydra import compose, initialize_config_dir
+
+    from astolfo_opt.search.app import section
+    from astolfo_opt.search.study import make_pruner, make_sampler
+
+    names = sorted(p.stem for p in (SHIPPED / group).glob("*.yaml"))
+    assert len(names) >= 5
+    with initialize_config_dir(config_dir=str(SHIPPED), version_base="1.3", job_name="shipped"):
+        for name in names:
+            cfg = section(compose("config", overrides=[f"{group}={name}"]), group)
+            if group == "sampler":
+                multi = name == "nsga2"
+                obj = make_sampler(cfg, 0, multi=multi, constraints=False)
+                assert isinstance(obj, optuna.samplers.BaseSampler), name
+            else:
+                obj = make_pruner(cfg, multi=False)
+                assert isinstance(obj, optuna.pruners.BasePruner), name

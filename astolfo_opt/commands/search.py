@@ -45,8 +45,8 @@ def _task(cfg) -> None:
         return
     for line in res.lines():
         print(line)
-    print(f"dashboard: astolfo-opt dashboard --storage {res.storage if '://' in res.storage else res.storage} "
-          f"--artifacts {res.run_dir / 'artifacts'}")
+    arts = res.run_dir / "artifacts"
+    print(f"dashboard: astolfo-opt dashboard --storage {res.storage}" + (f" --artifacts {arts}" if arts.is_dir() else ""))
     print(f"export:    astolfo-opt export --storage {res.storage} --study {res.study_name} --out {res.run_dir / 'best.safetensors'}")
 
 

@@ -31,7 +31,9 @@ def section(cfg: Any, key: str, default: Any = None) -> Any:
         try:
             return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as e:
-            raise ConfigError(f"{key}.{getattr(e, 'full_key', '')} is required (set it: {key}.KEY=VALUE)") from None
+            full = str(getattr(e, "full_key", "") or "")
+            full = full if full == key or full.startswith(f"{key}.") else f"{key}.{full}" if full else key
+            raise ConfigError(f"{full} is required (set it on the command line: {full}=VALUE)") from None
         except InterpolationResolutionError as e:
             raise ConfigError(f"{key}: cannot resolve {getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
     return node

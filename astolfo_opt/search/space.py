@@ -284,17 +284,26 @@ class SearchSpace:
                     spec_models.add(self.pool.base)  # type: ignore[arg-type]
                 comps[comp] = entry
                 spec_models |= {m for m, _ in chosen}
-        if self.pool.base:
-            spec_models.add(self.pool.base)
+        fill = self.fill_base
+        spec_models.add(fill)
         paths = self.pool.paths
-        spec = {"models": {n: paths[n] for n in self.pool.names if n in spec_models}, "base": self.pool.base,
+        spec = {"models": {n: paths[n] for n in self.pool.names if n in spec_models}, "base": fill,
                 "arch": self.pool.arch, "components": comps, "nan_policy": self.nan_policy,
                 "time_embed_block": self.time_embed_block}
         return Candidate(params, spec, violation, repaired)
 
+    @property
+    def fill_base(self) -> str:
+        """The recipe's base: fills keys pruned members lack and supplies the components that are not searched
+        (the VAE). Without ``pool.base`` that is the first pool model - the file the render pipeline is built
+        from - so what a trial renders and what export writes agree."""
+        return self.pool.base or self.pool.names[0]
+
     def describe(self) -> list[str]:
         """Human-readable lines: groups per component and parameter count (printed at study start)."""
         lines = [f"space {self.kind}: {len(self.params)} parameters over {len(self.pool.models)} models ({self.pool.arch})"]
+        if not self.pool.base:
+            lines.append(f"  no pool.base: unsearched components (VAE) and keys pruned models lack come from {self.fill_base}")
         for comp in self.components:
             shared = [g.models for g in self.groups[comp] if len(g.models) > 1]
             extra = f"; shared: {' '.join('=' .join(s) for s in shared)}" if shared else ""

@@ -39,7 +39,7 @@ log = logging.getLogger("astolfo_opt.search")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc", "staged")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
+PRUNERS = ("none", "median", "successive_halving", "hyperband", "incumbent")
 
 
 # ------------------------------------------------------------------------------------------------ storage
@@ -181,6 +181,10 @@ def make_pruner(cfg: Mapping[str, Any], *, multi: bool):
             log.warning("pruner %s disabled: Optuna does not prune multi-objective studies", name)
         return optuna.pruners.NopPruner()
     P = optuna.pruners
+    if name == "incumbent":  # astolfo_opt.search.strategies: stop trials that cannot beat the best finished one
+        from astolfo_opt.search.strategies import make_incumbent_pruner
+
+        return make_incumbent_pruner(**{k: v for k, v in cfg.items() if k != "name"})
     if name == "median":
         return P.MedianPruner(n_startup_trials=int(cfg.get("n_startup_trials", 5)), n_warmup_steps=int(cfg.get("n_warmup_steps", 0)),
                               interval_steps=int(cfg.get("interval_steps", 1)), n_min_trials=int(cfg.get("n_min_trials", 1)))
