@@ -93,7 +93,7 @@ def test_prompt_set_validation_and_hash(tmp_path):
 def test_render_settings_and_hydra_group_files():
     for name in ("default", "tiny"):
         cfg = yaml.safe_load((ROOT / "conf" / "render" / f"{name}.yaml").read_text())
-        assert {"prompt_set", "width", "height", "steps", "guidance_scale", "scheduler", "clip_skip", "batch_size", "variant"} <= set(cfg)
+        assert {"prompt_set", "width", "height", "steps", "guidance_scale", "scheduler", "clip_skip", "batch_size"} <= set(cfg)
         s = RenderSettings.from_mapping(cfg)
         assert s.scheduler in SCHEDULERS and load_prompt_set(cfg["prompt_set"]).prompts
     assert RenderSettings.from_mapping(yaml.safe_load((ROOT / "conf/render/tiny.yaml").read_text())).width == 64
