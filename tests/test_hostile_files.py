@@ -25,13 +25,11 @@ from hypothesis import strategies as st
 from astolfo_opt.checkpoint.io import ST_DTYPES, dtype_size, open_checkpoint, parse_safetensors_header
 from astolfo_opt.checkpoint.writer import PARTIAL_MARK, save_safetensors
 from astolfo_opt.errors import AstolfoError, CheckpointError
+from astolfo_opt.search.pool import resolve_pool
 from astolfo_opt.testing import hostile
 from astolfo_opt.testing.factory import ModelSpec, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_INSPECT = (ROOT / "astolfo_opt/commands/inspect.py").is_file()
-HAS_MERGE = (ROOT / "astolfo_opt/commands/merge.py").is_file()
-HAS_SEARCH = (ROOT / "astolfo_opt/commands/search.py").is_file()
 #: cases that only an architecture / shape check can refuse (the header itself is valid)
 SEMANTIC = {"foreign", "wrong_shape"}
 #: a real traceback starts a line; the control_chars case only *quotes* the word inside an escaped key name
@@ -153,7 +151,6 @@ def test_wrong_shape_and_foreign_files_open_but_are_detectably_wrong(corpus):
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.skipif(not HAS_INSPECT, reason="astolfo_opt/commands/inspect.py has not landed yet")
 def test_inspect_refuses_each_hostile_file(corpus):
     jobs = [{"id": c, "argv": ["inspect", str(h.path)]} for c, h in corpus["files"].items()]
     res = run_driver(jobs, corpus["root"])
@@ -174,7 +171,6 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-@pytest.mark.skipif(not HAS_MERGE, reason="astolfo_opt/commands/merge.py has not landed yet")
 def test_merge_average_refuses_each_hostile_file(corpus):
     """``merge --average good.safetensors HOSTILE``: refused, and the output folder stays empty (no temp files)."""
     root = corpus["root"]
@@ -191,7 +187,6 @@ def test_merge_average_refuses_each_hostile_file(corpus):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (HAS_MERGE and HAS_INSPECT), reason="merge / inspect commands have not landed yet")
 def test_entry_point_refuses_in_real_processes(corpus):
     """A few cases through ``python -m astolfo_opt.cli`` itself: exit 2, one line, no traceback, bounded time."""
     root = corpus["root"]
@@ -219,7 +214,6 @@ def test_entry_point_refuses_in_real_processes(corpus):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_MERGE, reason="astolfo_opt/commands/merge.py has not landed yet")
 def test_merge_refuses_mixed_architectures_and_nan_by_default(corpus, tmp_path):
     root = corpus["root"]
     mixed = hostile.write_mixed_pool(tmp_path / "mixed")
@@ -261,7 +255,6 @@ def search_argv(files: list[Path], run_dir: Path, *extra: str) -> list[str]:
             "artifacts=false", "n_trials=2", "study_name=hostile", *extra]
 
 
-@pytest.mark.skipif(not HAS_SEARCH, reason="astolfo_opt/commands/search.py has not landed yet")
 def test_search_cli_refuses_each_hostile_file(corpus):
     """``astolfo-opt search pool.files=[good, HOSTILE]``: one line naming the file, exit 2, no study created."""
     root = corpus["root"]
@@ -278,19 +271,8 @@ def test_search_cli_refuses_each_hostile_file(corpus):
     assert not corpus["marker"].exists()
 
 
-def _search_pool_api():
-    try:
-        from astolfo_opt.search.pool import resolve_pool
-    except ImportError:
-        return None
-    return resolve_pool
-
-
 def test_search_pool_refuses_each_hostile_file(corpus, tmp_path):
     """The search resolves its pool before the first trial: each hostile file stops it with one line naming it."""
-    resolve_pool = _search_pool_api()
-    if resolve_pool is None:
-        pytest.skip("astolfo_opt.search.pool.resolve_pool has not landed yet")
     problems = []
     for case, h in corpus["files"].items():
         if case == "wrong_shape":
@@ -315,9 +297,6 @@ def test_search_pool_refuses_each_hostile_file(corpus, tmp_path):
 def test_search_pool_refuses_wrong_shapes(corpus, tmp_path):
     """A tiny SD1 file whose te0 holds a width-64 tensor (layout: 32) cannot be merged with its pool; the search
     must say so before the first trial, naming the file and the key, not fail inside a trial."""
-    resolve_pool = _search_pool_api()
-    if resolve_pool is None:
-        pytest.skip("astolfo_opt.search.pool.resolve_pool has not landed yet")
     h = corpus["files"]["wrong_shape"]
     with pytest.raises(AstolfoError) as ei:
         resolve_pool({"files": [str(corpus["valid"]), str(h.path)]}, cache_file=tmp_path / "facts.json")
@@ -325,9 +304,6 @@ def test_search_pool_refuses_wrong_shapes(corpus, tmp_path):
 
 
 def test_search_pool_refuses_mixed_and_non_finite(corpus, tmp_path):
-    resolve_pool = _search_pool_api()
-    if resolve_pool is None:
-        pytest.skip("astolfo_opt.search.pool.resolve_pool has not landed yet")
     mixed = hostile.write_mixed_pool(tmp_path / "mixed")
     with pytest.raises(AstolfoError, match="(?i)architecture|sdxl") as ei:
         resolve_pool({"files": [str(p) for p in mixed]}, cache_file=tmp_path / "c1.json")

@@ -31,8 +31,6 @@ from astolfo_opt.errors import AstolfoError
 from astolfo_opt.testing.factory import ModelSpec, make_checkpoint, make_pool
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_MERGE = (ROOT / "astolfo_opt/commands/merge.py").is_file()
-needs_merge = pytest.mark.skipif(not HAS_MERGE, reason="astolfo_opt/commands/merge.py has not landed yet")
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -73,7 +71,6 @@ def pool(tmp_path_factory):
 
 
 @pytest.mark.slow
-@needs_merge
 def test_kill_9_mid_merge_leaves_nothing_and_next_run_cleans_up(pool, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -116,8 +113,6 @@ def _kill_mid_write(argv: list[str], out_dir: Path, cwd: Path) -> None:
 
 
 @pytest.mark.slow
-@needs_merge
-@pytest.mark.skipif(not (ROOT / "astolfo_opt/commands/export.py").is_file(), reason="export has not landed yet")
 def test_kill_9_mid_export_leaves_nothing_and_next_run_cleans_up(pool, tmp_path):
     from astolfo_opt.search.app import run_search
 
@@ -188,7 +183,6 @@ def test_writer_enospc_without_root(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_merge
 def test_merge_on_a_full_disk_is_one_line_and_leaves_nothing(pool, tmp_path):
     with small_tmpfs() as d:
         target = d / "merged.safetensors"
@@ -245,7 +239,6 @@ print(json.dumps({"rc": rc, "base": base, "peak": peak[0], "maxrss": resource.ge
 
 
 @pytest.mark.slow
-@needs_merge
 def test_merge_of_a_large_pool_stays_in_bounded_memory(tmp_path):
     """6 fp32 tiny models (~370 MB on disk): the merge's heap growth stays far below the pool's size."""
     models = [make_checkpoint(tmp_path / f"big{i}.safetensors", ModelSpec(arch="sd1", size="tiny", seed=40 + i, dtype="fp32"))
@@ -277,7 +270,6 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@needs_merge
 def test_full_size_pool_larger_than_the_memory_cap_merges(tmp_path):
     """Three full-size SD1 fp16 files (6.4 GB) merged by a process whose whole address space is capped at 4 GiB
     (``RLIMIT_AS``; the torch import alone takes ~2 GiB of it): the pool does not fit, the merge still completes and
@@ -401,11 +393,9 @@ def test_two_optuna_workers_on_postgres_lose_and_duplicate_nothing(postgres_url,
         assert t.value == pytest.approx(t.params["x"] ** 2)
 
 
-HAS_SEARCH = (ROOT / "astolfo_opt/commands/search.py").is_file()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SEARCH, reason="astolfo_opt/commands/search.py has not landed yet")
 def test_two_search_workers_on_postgres_share_the_study(postgres_url, pool, tmp_path):
     """Two ``astolfo-opt search`` processes started together on one PostgreSQL study: exactly ``n_trials`` counted
     trials, unique numbers, nothing left RUNNING, both workers contributed."""
@@ -436,7 +426,6 @@ def test_two_search_workers_on_postgres_share_the_study(postgres_url, pool, tmp_
     assert len({t.user_attrs["worker"]["pid"] for t in counted}) == 2, "both workers should have run trials"
 
 
-@pytest.mark.skipif(not HAS_SEARCH, reason="astolfo_opt/commands/search.py has not landed yet")
 def test_enqueued_warm_starts_are_never_left_waiting(pool, tmp_path):
     """``n_trials`` no larger than the warm starts: the enqueued trials must still run, not sit WAITING forever
     (they count towards the total, so a loop that stops at the total before popping them loses them)."""
