@@ -24,11 +24,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The benchmarks behind the README's figures (CPU: ~15 min and ~25 GB of generated files under /tmp).
+# The benchmarks behind the README's figures (CPU: ~30 min and ~25 GB of generated files under /tmp).
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_inspect.py --json experiments/results/bench_inspect.json
 	$(BIN)/python experiments/bench_merge.py --json experiments/results/bench_merge.json
 	$(BIN)/python experiments/bench_swap.py --json experiments/results/bench_swap.json
+	$(BIN)/python experiments/bench_trial.py --json experiments/results/bench_trial.json
 	$(BIN)/python experiments/bench_search.py --seed 0,1,2,3,4 --models 12 --trials 60 --repeats 3 \
 		--json experiments/results/bench_search.json --png experiments/results/bench_search.png
 
