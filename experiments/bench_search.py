@@ -7,9 +7,12 @@ workflow starts from, 1 at the target); the optimiser sees ``s + N(0, σ²)``, t
 Every strategy runs through the real search code (SearchSpace -> Candidate/Recipe, TrialObjective, the study's
 samplers / pruners / warm starts, greedy) on the ``inclusion_mbw`` space with the same trial budget.
 
-  python experiments/bench_search.py --seed 0,1,2 --models 12 --trials 60 --repeats 2 \
+  python experiments/bench_search.py --seed 0,1,2,3,4 --models 12 --trials 60 --repeats 3 --repeats-of gp=1 \
       --json experiments/results/bench_search.json --png experiments/results/bench_search.png
   python experiments/bench_search.py --mode pruning --seed 0 --models 12 --trials 60 --json .../bench_pruning.json
+
+The default strategy (``DEFAULT``) is what ``astolfo-opt search`` uses unless told otherwise: ``sampler=surrogate``
+(conf/config.yaml); every strategy's sampler is built from its shipped conf/sampler file through the search's factory.
 
 ``--mode pruning``: trials report ``--prompts`` per-prompt proxy scores (noisy, rank-preserving in ``s``); the
 default strategy runs without and with each pruner, and the JSON gives the share of render steps (and seconds, when
@@ -35,22 +38,19 @@ if str(ROOT) not in sys.path:
 
 from astolfo_opt.errors import AstolfoError, ConfigError  # noqa: E402
 
-DEFAULT = "staged"
-STRATEGIES = ("staged", "random", "greedy", "tpe", "cmaes", "gp", "qmc")
+DEFAULT = "surrogate"
+STRATEGIES = ("surrogate", "staged", "random", "greedy", "tpe", "cmaes", "gp", "qmc")
 THRESHOLDS = (0.8, 0.85, 0.9, 0.95)
 PRUNERS = ("none", "incumbent", "median", "successive_halving", "hyperband")
 
 
 # ------------------------------------------------------------------------------------------------ one run
 def _sampler(name: str, seed: int):
+    """The strategy's sampler exactly as ``astolfo-opt search sampler=NAME`` builds it (shipped conf/sampler file)."""
     from astolfo_opt.search.oracle import load_conf
-    from astolfo_opt.search.strategies import make_default_sampler
     from astolfo_opt.search.study import make_sampler
 
-    cfg = load_conf("sampler", name)
-    if cfg.get("name", name) == "staged":
-        return make_default_sampler(seed, **{k: v for k, v in cfg.items() if k != "name"})
-    return make_sampler(cfg, seed, multi=False, constraints=False)
+    return make_sampler(load_conf("sampler", name), seed, multi=False, constraints=False)
 
 
 def run_strategy(name: str, space, oracle, *, trials: int, seed: int, noise: float, n_steps: int = 1, pruner: str = "none",

@@ -159,7 +159,7 @@ def test_bench_smoke(tmp_path, bench_dir, bench_setup):
                      "--json", str(out_json), "--png", str(out_png)])
     assert rc == 0
     res = json.loads(out_json.read_text())
-    assert res["default"] == "staged" and res["trials"] == 6
+    assert res["default"] == "surrogate" and res["trials"] == 6
     assert set(res["strategies"]) == set(bench.STRATEGIES)
     for name, s in res["strategies"].items():
         assert len(s["curve"]) == 6, name

@@ -1,12 +1,14 @@
-"""``staged``: the default search strategy - a structure-aware coordinate search packaged as an Optuna sampler.
+"""``staged``: a structure-aware coordinate search packaged as an Optuna sampler - the start and the fallback of the
+default ``surrogate`` sampler (:mod:`astolfo_opt.search.surrogate`), and ``sampler=staged`` on its own.
 
 Why not plain TPE / CMA-ES / GP: in the merge spaces most of the value sits in the *per-model inclusion bits*, which are
 roughly separable (a far-off model hurts whatever else is in, and is far in every component), while the MBW alphas are
 a smooth, low-signal refinement. Model-based samplers spend their first 10-20 trials on random points and then learn
 slowly in 40-50 dimensions; the seeds' manual procedure (greedy forward selection) pays a whole sweep of the pool per
 accepted change and never touches alpha. On the weight-space oracle (experiments/bench_search.py, N=12, T=60, σ=0.02,
-5 seeds x 3) ``staged`` ends highest (median s 0.827 vs CMA-ES 0.809, TPE 0.782, greedy 0.771, random 0.748) and is
-the first to reach 0.80; without noise it reaches 0.90 by trial 44 where no other strategy passes 0.85.
+5 seeds x 3) ``staged`` ends at median s 0.827 (CMA-ES 0.809, TPE 0.782, greedy 0.771, random 0.748) and reaches 0.80
+by trial 39; without noise 0.90 by trial 44. The weight-space surrogate, which runs this plan for its first 16 trials,
+ends at 0.895 (experiments/README_bench_search.md).
 
 Plan (each stage continues from the incumbent = best observed point so far):
 
@@ -414,8 +416,8 @@ class IncumbentPruner(BasePruner):
         return sign * float(iv[k]) + self.z * sd / math.sqrt(k) < best
 
 
-def make_default_sampler(seed: int | None = None, **opts: Any) -> StagedSampler:
-    """The sampler ``astolfo-opt search`` should use by default (``sampler=staged``)."""
+def make_staged_sampler(seed: int | None = None, **opts: Any) -> StagedSampler:
+    """``sampler=staged`` from its config options (unknown keys are a one-line ConfigError)."""
     allowed = {"line_points", "local_sigma", "local_flip", "max_repeats", "rounds", "freeze", "model_first", "fit_every"}
     bad = sorted(set(opts) - allowed)
     if bad:
@@ -423,8 +425,17 @@ def make_default_sampler(seed: int | None = None, **opts: Any) -> StagedSampler:
     return StagedSampler(seed=seed, **opts)
 
 
+def make_default_sampler(seed: int | None = None, **opts: Any) -> BaseSampler:
+    """The sampler ``astolfo-opt search`` uses by default (``sampler=surrogate``, conf/config.yaml): the weight-space
+    surrogate of :mod:`astolfo_opt.search.surrogate`, which runs this module's staged plan for its first trials and for
+    spaces it cannot map. Chosen on experiments/bench_search.py (see experiments/README_bench_search.md)."""
+    from astolfo_opt.search.surrogate import make_surrogate_sampler  # it builds on StagedSampler: import late
+
+    return make_surrogate_sampler(seed, **opts)
+
+
 def make_incumbent_pruner(**opts: Any) -> IncumbentPruner:
-    """The pruner to pair with ``sampler=staged`` (``pruner=incumbent``)."""
+    """The default pruner (``pruner=incumbent``), meant for hill-climbing samplers (``staged``, ``surrogate``)."""
     allowed = {"z", "n_startup_trials", "n_warmup_steps"}
     bad = sorted(set(opts) - allowed)
     if bad:
@@ -432,5 +443,6 @@ def make_incumbent_pruner(**opts: Any) -> IncumbentPruner:
     return IncumbentPruner(**opts)
 
 
-__all__ = ["IncumbentPruner", "StagedSampler", "make_default_sampler", "make_incumbent_pruner", "staged_plan", "start_params",
+__all__ = ["IncumbentPruner", "StagedSampler", "make_default_sampler", "make_incumbent_pruner", "make_staged_sampler", "staged_plan",
+           "start_params",
            "FloatDistribution"]

@@ -38,7 +38,7 @@ log = logging.getLogger("astolfo_opt.search")
 # group / heartbeat / QMC are stable enough for our use; the warnings would drown the progress output
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc", "staged")
+SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc", "staged", "surrogate")
 PRUNERS = ("none", "median", "successive_halving", "hyperband", "incumbent")
 
 
@@ -164,9 +164,16 @@ def make_sampler(cfg: Mapping[str, Any], seed: int | None, *, multi: bool, const
     if name == "staged":  # astolfo_opt.search.strategies (benchmark engineer): structure-aware coordinate search
         if multi:
             raise ConfigError("sampler=staged is single-objective; use sampler=nsga2 or sampler=tpe for multi-objective")
-        from astolfo_opt.search.strategies import make_default_sampler
+        from astolfo_opt.search.strategies import make_staged_sampler
 
-        return make_default_sampler(seed, **opts)
+        return make_staged_sampler(seed, **opts)
+    if name == "surrogate":  # the default (conf/config.yaml) - astolfo_opt.search.surrogate: weight-space surrogate
+        if multi:
+            raise ConfigError("sampler=surrogate (the default) is single-objective; with scorer.multi=true set sampler=nsga2 "
+                              "or sampler=tpe")
+        from astolfo_opt.search.surrogate import make_surrogate_sampler
+
+        return make_surrogate_sampler(seed, **opts)
     if name == "qmc":
         return S.QMCSampler(seed=seed, qmc_type=str(opts.get("qmc_type", "sobol")), scramble=True, warn_independent_sampling=False)
     raise ConfigError(f"sampler.name={name!r} is unknown; use one of {', '.join(SAMPLERS)}")
