@@ -233,3 +233,32 @@ def test_cuda_fp16_sdxl_vae_decodes_finite(tiny_pools):
     assert np.isfinite(out).all() and out.std() > 0
     feed(pipe.swap_sink(), tiny_pools["sdxl"].models[0])
     assert pipe.modules["vae"].decoder.conv_out.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_clip_skip_renders_and_follows_diffusers_convention(pipes, arch):
+    """``render.clip_skip`` (A1111 "clip skip 2" = 1) renders on every architecture and changes the image. For SD1 /
+    SD2 our embeddings must equal diffusers' own ``encode_prompt(clip_skip=...)``, which needs the
+    ``text_model.final_layer_norm`` attribute that transformers 5.x dropped: given back here for the comparison only."""
+    import types
+
+    pipe = pipes(arch)
+    skip = RenderSettings(width=64, height=64, steps=2, guidance_scale=5.0, clip_skip=1)
+    plain, skipped = pipe.render(PROMPTS[:1], SETTINGS), pipe.render(PROMPTS[:1], skip)
+    assert np.asarray(skipped[0]).std() > 1.0 and not same_images(plain, skipped)
+    assert same_images(skipped, pipe.render(PROMPTS[:1], skip))
+    if arch == "sdxl":
+        return
+    te = pipe.pipe.text_encoder
+    ours = pipe.clip_skip_embeds([PROMPTS[0].prompt], 1)
+    assert not torch.equal(ours, pipe.clip_skip_embeds([PROMPTS[0].prompt], 0))
+    added = not hasattr(te, "text_model")
+    if added:
+        te.text_model = types.SimpleNamespace(final_layer_norm=te.final_layer_norm)
+    try:
+        with torch.inference_mode():
+            ref, _ = pipe.pipe.encode_prompt([PROMPTS[0].prompt], pipe.device, 1, False, clip_skip=1)
+    finally:
+        if added:
+            del te.text_model
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)

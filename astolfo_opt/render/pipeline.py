@@ -189,11 +189,27 @@ class RenderPipeline:
                 prompt=[p.prompt for p in chunk], negative_prompt=[p.negative for p in chunk], width=settings.width,
                 height=settings.height, num_inference_steps=settings.steps, guidance_scale=float(settings.guidance_scale),
                 generator=[torch.Generator("cpu").manual_seed(int(p.seed)) for p in chunk], output_type="pil")
-            if settings.clip_skip:
+            if settings.clip_skip and self.arch in ("sd1", "sd2"):
+                kwargs["prompt_embeds"] = self.clip_skip_embeds(kwargs.pop("prompt"), int(settings.clip_skip))
+                kwargs["negative_prompt_embeds"] = self.clip_skip_embeds(kwargs.pop("negative_prompt"), int(settings.clip_skip))
+            elif settings.clip_skip:
                 kwargs["clip_skip"] = int(settings.clip_skip)
             with torch.inference_mode():
                 images = self.pipe(**kwargs).images
             yield list(zip(chunk, images, strict=True))
+
+    def clip_skip_embeds(self, texts: list[str], clip_skip: int) -> torch.Tensor:
+        """SD1 / SD2 prompt embeddings with clip skip, by diffusers' convention (hidden state ``-(clip_skip + 1)``, then
+        the final layer norm). Computed here because diffusers' SD pipeline reaches for
+        ``text_encoder.text_model.final_layer_norm``, which transformers 5.x's flattened ``CLIPTextModel`` lacks, so
+        passing ``clip_skip`` through crashes; SDXL's pipeline takes a hidden state without that attribute."""
+        tok, te = self.pipe.tokenizer, self.pipe.text_encoder
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        mask = ids.attention_mask.to(self.device) if getattr(te.config, "use_attention_mask", False) else None
+        with torch.inference_mode():
+            hidden = te(ids.input_ids.to(self.device), attention_mask=mask, output_hidden_states=True).hidden_states
+            norm = te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
+            return norm(hidden[-(clip_skip + 1)]).to(te.dtype)
 
     def render(self, prompts: Sequence[Prompt], settings: RenderSettings) -> list[Image.Image]:
         return [img for batch in self.render_batches(prompts, settings) for _, img in batch]
