@@ -167,13 +167,11 @@ def test_default_sampler_config_and_multi_objective_error():
     from hydra import compose, initialize_config_dir
 
     from astolfo_opt.search.app import section
-    from astolfo_opt.search.strategies import make_default_sampler
     from astolfo_opt.search.study import make_sampler
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3", job_name="defaults"):
         cfg = compose("config")
     assert section(cfg, "sampler")["name"] == "surrogate" and section(cfg, "pruner")["name"] == "incumbent"
     assert isinstance(make_sampler(section(cfg, "sampler"), 0, multi=False, constraints=False), SurrogateSampler)
-    assert isinstance(make_default_sampler(0), SurrogateSampler)
     with pytest.raises(ConfigError, match="nsga2") as e:
         make_sampler(section(cfg, "sampler"), 0, multi=True, constraints=False)
     assert "\n" not in str(e.value)

@@ -50,6 +50,16 @@ Plan = Generator[Params, float | None, None]
 LINE_PREFIXES = ("alpha.", "pair.")
 
 
+def trial_value(t: FrozenTrial, sign: float) -> float | None:
+    """The maximised value a trial counts for in the samplers' fits: a complete trial's value, a pruned trial's last
+    running mean (a noisier but unbiased estimate, still useful), ``None`` for anything else."""
+    if t.state == TrialState.COMPLETE and t.values:
+        return sign * float(t.values[0])
+    if t.state == TrialState.PRUNED and t.intermediate_values:
+        return sign * float(t.intermediate_values[max(t.intermediate_values)])
+    return None
+
+
 def _key(params: Mapping[str, Any]) -> tuple:
     return tuple(sorted((k, round(float(v), 9)) for k, v in params.items()))
 
@@ -331,12 +341,8 @@ class StagedSampler(BaseSampler):
             if set(t.params) != set(dists):
                 continue
             k = _key(t.params)
-            if t.state == TrialState.COMPLETE and t.values:
-                v = sign * float(t.values[0])
-                done[k] = v if done.get(k) is None else max(done[k], v)  # type: ignore[type-var]
-            elif t.state == TrialState.PRUNED and t.intermediate_values:
-                # a pruned trial's running mean is a noisier but unbiased estimate: still useful to the fits
-                v = sign * float(t.intermediate_values[max(t.intermediate_values)])
+            v = trial_value(t, sign)
+            if v is not None:
                 done[k] = v if done.get(k) is None else max(done[k], v)  # type: ignore[type-var]
             elif t.state in (TrialState.PRUNED, TrialState.FAIL):
                 done.setdefault(k, None)
@@ -425,15 +431,6 @@ def make_staged_sampler(seed: int | None = None, **opts: Any) -> StagedSampler:
     return StagedSampler(seed=seed, **opts)
 
 
-def make_default_sampler(seed: int | None = None, **opts: Any) -> BaseSampler:
-    """The sampler ``astolfo-opt search`` uses by default (``sampler=surrogate``, conf/config.yaml): the weight-space
-    surrogate of :mod:`astolfo_opt.search.surrogate`, which runs this module's staged plan for its first trials and for
-    spaces it cannot map. Chosen on experiments/bench_search.py (see experiments/README_bench_search.md)."""
-    from astolfo_opt.search.surrogate import make_surrogate_sampler  # it builds on StagedSampler: import late
-
-    return make_surrogate_sampler(seed, **opts)
-
-
 def make_incumbent_pruner(**opts: Any) -> IncumbentPruner:
     """The default pruner (``pruner=incumbent``), meant for hill-climbing samplers (``staged``, ``surrogate``)."""
     allowed = {"z", "n_startup_trials", "n_warmup_steps"}
@@ -443,6 +440,5 @@ def make_incumbent_pruner(**opts: Any) -> IncumbentPruner:
     return IncumbentPruner(**opts)
 
 
-__all__ = ["IncumbentPruner", "StagedSampler", "make_default_sampler", "make_incumbent_pruner", "make_staged_sampler", "staged_plan",
-           "start_params",
-           "FloatDistribution"]
+__all__ = ["IncumbentPruner", "StagedSampler", "make_incumbent_pruner", "make_staged_sampler", "staged_plan", "start_params",
+           "trial_value", "FloatDistribution"]

@@ -46,7 +46,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from astolfo_opt.errors import AstolfoError, ConfigError
-from astolfo_opt.search.strategies import Params, StagedSampler, _key, start_params
+from astolfo_opt.search.strategies import Params, StagedSampler, _key, start_params, trial_value
 
 log = logging.getLogger("astolfo_opt.search")
 
@@ -634,10 +634,9 @@ def _finished(study: optuna.Study, dists: Mapping[str, BaseDistribution], sign: 
         if set(t.params) != set(dists):
             continue
         seen.add(_key(t.params))
-        if t.state == TrialState.COMPLETE and t.values:
-            done.append((t, sign * float(t.values[0])))
-        elif t.state == TrialState.PRUNED and t.intermediate_values:
-            done.append((t, sign * float(t.intermediate_values[max(t.intermediate_values)])))
+        v = trial_value(t, sign)
+        if v is not None:
+            done.append((t, v))
     return done, seen
 
 
