@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -111,3 +112,44 @@ def test_resume_after_sigkill(pool_dir, tmp_path):
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 8
 
 
+
+
+def test_sqlite_waiting_trial_is_claimed_once(tmp_path, monkeypatch):
+    """Two workers that pop the same enqueued (WAITING) trial at the same moment: exactly one may claim it.
+
+    Optuna claims by reading the state ``FOR UPDATE`` and then writing RUNNING; SQLite ignores ``FOR UPDATE``, so
+    without ``BEGIN IMMEDIATE`` both reads see WAITING and both claims succeed (the CI failure "Cannot tell a COMPLETE
+    trial"). A barrier after the read forces that interleaving: with the fix the second worker is still waiting for
+    the write lock, the barrier times out, and its claim then sees RUNNING."""
+    import threading
+
+    from optuna.storages._rdb import models
+
+    from astolfo_opt.search.study import make_storage
+
+    storages = [make_storage({"kind": "rdb"}, tmp_path)[0] for _ in range(2)]
+    study = optuna.create_study(study_name="race", storage=storages[0])
+    study.enqueue_trial({"x": 1.0})
+    trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+    barrier = threading.Barrier(2, timeout=1.5)
+    original = models.TrialModel.find_or_raise_by_id.__func__
+
+    def read_then_wait(cls, tid, session, for_update=False):
+        trial = original(cls, tid, session, for_update=for_update)
+        if for_update and threading.current_thread().name.startswith("claim"):
+            with contextlib.suppress(threading.BrokenBarrierError):  # the fix holds the other worker at BEGIN
+                barrier.wait()
+        return trial
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", classmethod(read_then_wait))
+    claimed: list[bool] = []
+
+    def claim(storage) -> None:
+        claimed.append(storage.set_trial_state_values(trial_id, TrialState.RUNNING))
+
+    threads = [threading.Thread(target=claim, args=(s,), name=f"claim{i}") for i, s in enumerate(storages)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(claimed) == [False, True]

@@ -65,8 +65,8 @@ def make_storage(cfg: Mapping[str, Any], run_dir: Path) -> tuple[Any, str]:
                 if attempt == 4 or "UNIQUE constraint" not in str(e) and "already exists" not in str(e):
                     raise ConfigError(f"cannot open storage {url}: {str(e).splitlines()[0]} (check storage.url)") from None
                 time.sleep(0.2 * (attempt + 1))
-        if url.startswith("sqlite") and bool(cfg.get("sqlite_wal", True)):
-            _sqlite_fast(storage)
+        if url.startswith("sqlite"):
+            _sqlite_setup(storage, wal=bool(cfg.get("sqlite_wal", True)))
         return storage, url
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -96,20 +96,33 @@ def _creation_lock(url: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _sqlite_fast(storage: Any) -> None:
-    """WAL journal + ``synchronous=NORMAL`` on every connection: each Optuna write is its own transaction, and with
-    the default rollback journal + full sync a trial's ~25 small writes cost over a second on slow disks. WAL stays
-    crash-safe (a power cut may lose the last transactions, never corrupt the file) and lets readers (dashboard,
-    other workers) run beside the writer."""
+def _sqlite_setup(storage: Any, *, wal: bool = True) -> None:
+    """SQLite settings for every connection of every worker.
+
+    - (``wal``) WAL journal + ``synchronous=NORMAL``: each Optuna write is its own transaction, and with the default rollback
+      journal + full sync a trial's ~25 small writes cost over a second on slow disks. WAL stays crash-safe (a power
+      cut may lose the last transactions, never corrupt the file) and lets readers (dashboard) run beside the writer.
+    - ``BEGIN IMMEDIATE`` for every transaction: Optuna claims an enqueued (WAITING) trial by reading its state with
+      ``SELECT ... FOR UPDATE`` and then writing RUNNING. SQLite ignores ``FOR UPDATE`` and pysqlite only opens the
+      transaction at the UPDATE, so two workers could both read WAITING and both run the same trial (the second then
+      dies on "Cannot tell a COMPLETE trial"). Taking the write lock at BEGIN makes read-then-write atomic; workers
+      only wait for each other for the few milliseconds a storage call takes.
+    """
     from sqlalchemy import event
 
     def on_connect(conn, _record) -> None:
-        cur = conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
+        conn.isolation_level = None  # pysqlite must not emit its own (deferred, late) BEGIN
+        if wal:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+    def on_begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     event.listen(storage.engine, "connect", on_connect)
+    event.listen(storage.engine, "begin", on_begin)
     storage.engine.dispose()
 
 
