@@ -185,3 +185,34 @@ def test_bench_pruning_mode_and_bad_input(tmp_path, capsys, bench_dir, bench_set
     assert inc["pruned_trials"] >= 1 and inc["saving_at_equal_best"] is not None
     assert bench.main(["--strategies", "nope", "--json", str(tmp_path / "x.json")]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_bound_learner_geometry_and_output(tmp_path, bench_dir):
+    """experiments/bench_search_bound.py: with the bits exact, s depends only on the block alphas through the
+    oracle's own Gram matrices (checked against the oracle itself), the ceilings grow with the blocks set exactly,
+    and without noise the learner closes in on the target."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_search_bound", ROOT / "experiments" / "bench_search_bound.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    _bench_module()  # the bound imports bench_search.setup
+    g, target, norm = mod.block_geometry(0, 4, bench_dir)
+    assert len(g) == 25 and (g > 0).all() and mod.s_of(target, g, target, norm) == 1.0
+    # the closed form agrees with the oracle on a recipe with the target's bits and other alphas
+    _, space, tgt, cached = sys.modules["bench_search"].setup(0, 4, bench_dir, "gram")
+    alphas = np.full_like(target, 0.3)
+    params = dict(tgt.params) | {f"alpha.unet.{b}": float(a) for (_, b), a in
+                                 zip([cb for cb in cached.oracle.grams if cb[0] == "unet"], alphas, strict=True)}
+    assert mod.s_of(alphas, g, target, norm) == pytest.approx(cached.oracle.value(space.candidate(params).spec), abs=1e-9)
+    c = mod.ceilings(g, target, norm)
+    ladder = [c["shared"]] + [c[f"top{k}"] for k in (1, 2, 3, 5, 8, 12)]
+    assert ladder == sorted(ladder) and ladder[-1] < 1.0
+    curve = mod.learner_curve(g, target, norm, trials=30, noise=0.0, rng=np.random.default_rng(0))
+    assert curve == sorted(curve) and curve[-1] > max(curve[3], c["shared"])
+    out = tmp_path / "bound.json"
+    assert mod.main(["--seed", "0", "--models", "4", "--trials", "8", "--repeats", "1", "--workdir", str(bench_dir),
+                     "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["per_seed"][0]["seed"] == 0 and len(res["per_seed"][0]["learner_curve"]) == 8
+    assert mod.main(["--seed", "x", "--json", str(out)]) == 2

@@ -130,6 +130,11 @@ def test_surrogate_sampler_beats_random_on_a_tiny_oracle(tiny):
         _, rnd = _run(space, oracle, optuna.samplers.RandomSampler(seed=seed), 48, seed)
         assert curve[-1] >= 0.9, (seed, curve)
         assert curve[-1] > rnd[-1] + 0.02, (seed, curve[-1], rnd[-1])
+        # every sampled trial names its kind (dashboard, pruner=incumbent spare_exploit); enqueued warm starts do not
+        kinds = [t.user_attrs.get("proposal") for t in sorted(study.trials, key=lambda t: t.number)]
+        warm = sum(bool(t.user_attrs.get("warm_start")) for t in study.trials)
+        assert kinds[:warm] == [None] * warm and "staged" in kinds[warm:6]
+        assert {"exploit", "explore"} <= set(kinds[6:]) and None not in kinds[warm:]
 
 
 def test_surrogate_is_deterministic_and_stateless(tiny):

@@ -136,14 +136,17 @@ def model_names(paths: Sequence[Path]) -> list[str]:
 
 
 @dataclass
-class _Opened:
+class OpenedModel:
+    """One pool file opened for a streaming pass: its lazy reader and canonical -> raw key map (shared by the
+    distance maps here and the search's weight-space surrogate, which both stream the same Gram products)."""
+
     path: Path
     name: str
     reader: CheckpointReader
     keymap: dict[str, str]  # canonical -> raw
 
 
-def _open(path: Path, name: str) -> tuple[_Opened, str, str]:
+def _open(path: Path, name: str) -> tuple[OpenedModel, str, str]:
     reader = open_checkpoint(path)
     raw = reader.keys()
     arch = detect_architecture(raw)
@@ -157,10 +160,10 @@ def _open(path: Path, name: str) -> tuple[_Opened, str, str]:
         reader.close()
         raise CheckpointError(path, f"{arch} checkpoint with unrecognised tensor shapes (UNet time embedding missing or odd)",
                               "only full-size (or factory tiny) SD1/SD2/SDXL files can be analysed")
-    return _Opened(path, name, reader, keymap), arch, size
+    return OpenedModel(path, name, reader, keymap), arch, size
 
 
-def open_pool(paths: Sequence[Path], base: Path | None) -> tuple[list[_Opened], _Opened | None, Layout]:
+def open_pool(paths: Sequence[Path], base: Path | None) -> tuple[list[OpenedModel], OpenedModel | None, Layout]:
     """Open every file lazily (headers only) and check they share one architecture and size."""
     if not paths:
         raise AstolfoError("the pool is empty: give at least two model files")
@@ -191,8 +194,8 @@ def open_pool(paths: Sequence[Path], base: Path | None) -> tuple[list[_Opened], 
 # --------------------------------------------------------------------------------------------------- the pass
 
 
-def _plan_component(comp: str, layout: Layout, models: list[_Opened], base: _Opened | None
-                    ) -> tuple[list[str], dict[str, list[str]], dict[str, str], _Opened | None]:
+def plan_component(comp: str, layout: Layout, models: list[OpenedModel], base: OpenedModel | None
+                    ) -> tuple[list[str], dict[str, list[str]], dict[str, str], OpenedModel | None]:
     """Which canonical keys of ``comp`` every usable model (and the base) holds with matching sizes.
 
     A member holding none of the component's keys (a pruned file without VAE, say) is excluded from the component
@@ -224,16 +227,17 @@ def _plan_component(comp: str, layout: Layout, models: list[_Opened], base: _Ope
     return used, skipped, excluded, base
 
 
-def m_is_float(members: list[_Opened], key: str) -> bool:
+def m_is_float(members: list[OpenedModel], key: str) -> bool:
     return all(m.reader.info(m.keymap[key]).dtype.is_floating_point for m in members)
 
 
-def _flat(m: _Opened, key: str) -> torch.Tensor:
+def flat_tensor(m: OpenedModel, key: str) -> torch.Tensor:
+    """One tensor of ``m`` by canonical key, flattened (its own dtype: callers cast per chunk)."""
     return m.reader.get(m.keymap[key]).reshape(-1)
 
 
-def _chunk_products(x: torch.Tensor, ref: torch.Tensor | None, alive: list[bool]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+def chunk_products(x: torch.Tensor, ref: torch.Tensor | None, alive: list[bool]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """``(D·Dᵀ, D·ref, ref·ref, newly dead rows)`` for one chunk ``x`` [n, m] (fp64), ``D = x - ref`` on live rows.
 
     The common case (every value finite) costs one subtraction and one matmul: non-finite values are detected from
@@ -256,13 +260,13 @@ def _chunk_products(x: torch.Tensor, ref: torch.Tensor | None, alive: list[bool]
         dead += [i for i, (a, f) in enumerate(zip(live, finite, strict=True)) if a and not f]
 
 
-def accumulate(models: list[_Opened], base: _Opened | None, layout: Layout, components: Sequence[str], device: torch.device,
+def accumulate(models: list[OpenedModel], base: OpenedModel | None, layout: Layout, components: Sequence[str], device: torch.device,
                progress: bool = True) -> dict[str, ComponentStats]:
     """The streaming pass: for each component and key (layout order) read that tensor from every member once."""
     from tqdm.auto import tqdm
 
     n = len(models)
-    plans = {c: _plan_component(c, layout, models, base) for c in components}
+    plans = {c: plan_component(c, layout, models, base) for c in components}
     total = sum(len(p[0]) for p in plans.values())
     out: dict[str, ComponentStats] = {}
     with tqdm(total=total, desc="weight-space pass", unit="key", disable=not progress, leave=False) as bar:
@@ -277,9 +281,9 @@ def accumulate(models: list[_Opened], base: _Opened | None, layout: Layout, comp
             keys_used, numel_used = 0, 0
             chunk = max(1 << 14, CHUNK_BUDGET_BYTES // (8 * 3 * (n + 1)))
             for key in used:
-                bt = _flat(cbase, key) if cbase is not None else None
+                bt = flat_tensor(cbase, key) if cbase is not None else None
                 # members without the component hold none of its keys: zero rows, masked out by ``alive``
-                tensors = [None if m.name in absent else _flat(m, key) for m in models]
+                tensors = [None if m.name in absent else flat_tensor(m, key) for m in models]
                 for m, t in zip(models, tensors, strict=True):
                     if t is not None:
                         dtypes[m.name].add(str(t.dtype).removeprefix("torch."))
@@ -298,7 +302,7 @@ def accumulate(models: list[_Opened], base: _Opened | None, layout: Layout, comp
                         if not bool(torch.isfinite(r2)):
                             base_ok = False
                             break
-                    g, c, r2, dead = _chunk_products(x, ref, alive)
+                    g, c, r2, dead = chunk_products(x, ref, alive)
                     for i in dead:
                         excluded[models[i].name] = f"non-finite values in {key}"
                         alive[i] = False

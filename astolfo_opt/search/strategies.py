@@ -386,23 +386,34 @@ class IncumbentPruner(BasePruner):
     proposals are small steps around a good incumbent) they stop trials that could still win, and the final best
     drops. A trial that cannot beat the incumbent is useless to a hill-climbing strategy whatever the others did, so
     this pruner asks one question after each prompt batch ``k``: is ``mean_k + z·sd/√k`` below the best finished
-    value? ``sd`` is the per-batch spread pooled over finished trials (``v_k = k·m_k - (k-1)·m_{k-1}``)."""
+    value? ``sd`` is the per-batch spread pooled over finished trials (``v_k = k·m_k - (k-1)·m_{k-1}``).
 
-    def __init__(self, z: float = 2.0, n_startup_trials: int = 3, n_warmup_steps: int = 1, min_sd: float = 1e-6):
+    Options for model-based samplers, both off because neither helped on the search benchmark
+    (experiments/README_bench_search.md): ``spare_exploit`` never stops a trial the sampler tagged
+    ``proposal: exploit`` (the surrogate's MAP point); ``incumbent_noise`` adds the incumbent's own variance
+    (``sd²/K``) to the margin, since the best finished value is a noisy mean too."""
+
+    def __init__(self, z: float = 2.0, n_startup_trials: int = 3, n_warmup_steps: int = 1, min_sd: float = 1e-6,
+                 spare_exploit: bool = False, incumbent_noise: bool = False):
         self.z = float(z)
         self.n_startup_trials = int(n_startup_trials)
         self.n_warmup_steps = int(n_warmup_steps)
         self.min_sd = float(min_sd)
+        self.spare_exploit = bool(spare_exploit)
+        self.incumbent_noise = bool(incumbent_noise)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         iv = trial.intermediate_values
         if not iv or len(iv) <= self.n_warmup_steps:
             return False
+        if self.spare_exploit and self._proposal(study, trial) == "exploit":
+            return False
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
         if len(done) < self.n_startup_trials:
             return False
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        best = max(sign * float(t.values[0]) for t in done)
+        inc = max(done, key=lambda t: sign * float(t.values[0]))
+        best = sign * float(inc.values[0])
         sq, n = 0.0, 0
         for t in done:
             steps = sorted(t.intermediate_values.items())
@@ -419,7 +430,19 @@ class IncumbentPruner(BasePruner):
             return False
         sd = max(math.sqrt(sq / n), self.min_sd)
         k = max(iv)
-        return sign * float(iv[k]) + self.z * sd / math.sqrt(k) < best
+        var = sd * sd / k
+        if self.incumbent_noise:
+            var += sd * sd / max(len(inc.intermediate_values), 1)
+        return sign * float(iv[k]) + self.z * math.sqrt(var) < best
+
+    @staticmethod
+    def _proposal(study: optuna.Study, trial: FrozenTrial) -> str | None:
+        """The sampler's tag of this trial. Read from the storage: the sampler writes it there, and the trial Optuna
+        hands to a pruner is a cached copy that only tracks what the objective itself set."""
+        got = trial.user_attrs.get("proposal")
+        if got is None:
+            got = study._storage.get_trial_user_attrs(trial._trial_id).get("proposal")
+        return got
 
 
 def make_staged_sampler(seed: int | None = None, **opts: Any) -> StagedSampler:
@@ -433,7 +456,7 @@ def make_staged_sampler(seed: int | None = None, **opts: Any) -> StagedSampler:
 
 def make_incumbent_pruner(**opts: Any) -> IncumbentPruner:
     """The default pruner (``pruner=incumbent``), meant for hill-climbing samplers (``staged``, ``surrogate``)."""
-    allowed = {"z", "n_startup_trials", "n_warmup_steps"}
+    allowed = {"z", "n_startup_trials", "n_warmup_steps", "spare_exploit", "incumbent_noise"}
     bad = sorted(set(opts) - allowed)
     if bad:
         raise ConfigError(f"pruner.{bad[0]} is not an option of pruner=incumbent (options: {', '.join(sorted(allowed))})")

@@ -51,6 +51,8 @@ from astolfo_opt.search.strategies import Params, StagedSampler, _key, start_par
 log = logging.getLogger("astolfo_opt.search")
 
 # ------------------------------------------------------------------------------------------------ weight space
+#: trial user attribute naming the kind of proposal: ``exploit`` (MAP), ``explore`` (Thompson draw) or ``staged``
+PROPOSAL_ATTR = "proposal"
 #: prefix of the inclusion bits and of the MBW alphas the weight-space surrogate understands
 INC, ALPHA = "inc.", "alpha."
 #: recipe families (parameter prefixes) the weight-space sampler can map to merged-weight coordinates
@@ -121,12 +123,12 @@ def weight_space_from_files(paths: Mapping[str, str], base: str | None, componen
 
     from astolfo_opt.analysis.distances import (
         CHUNK_BUDGET_BYTES,
-        _chunk_products,
-        _flat,
-        _plan_component,
         cache_dir,
+        chunk_products,
         file_identity,
+        flat_tensor,
         open_pool,
+        plan_component,
         resolve_device,
     )
     from astolfo_opt.checkpoint.writer import atomic_write_text
@@ -155,22 +157,22 @@ def weight_space_from_files(paths: Mapping[str, str], base: str | None, componen
         for comp in components:
             if comp not in layout.components:
                 continue
-            used, _skipped, excluded, cref = _plan_component(comp, layout, models, ref_o)
+            used, _skipped, excluded, cref = plan_component(comp, layout, models, ref_o)
             if cref is None:
                 raise ConfigError(f"weight-space surrogate: the reference model {ref} has no {comp}")
             alive = [m.name not in excluded for m in models]
             chunk = max(1 << 14, CHUNK_BUDGET_BYTES // (8 * 3 * (n + 1)))
             for k in used:
                 blk = layout.block_of(k, time_embed_block) or "BASE"
-                bt = _flat(cref, k)
-                ts = [_flat(m, k) if alive[i] else None for i, m in enumerate(models)]
+                bt = flat_tensor(cref, k)
+                ts = [flat_tensor(m, k) if alive[i] else None for i, m in enumerate(models)]
                 numel = bt.numel()
                 acc = grams.setdefault((comp, blk), torch.zeros((n, n), dtype=torch.float64, device=dev))
                 for s in range(0, numel, chunk):
                     e = min(numel, s + chunk)
                     r = bt[s:e].to(dev).double()
                     x = torch.stack([r if t is None else t[s:e].to(dev).double() for t in ts])
-                    g, _, _, dead = _chunk_products(x, r, alive)
+                    g, _, _, dead = chunk_products(x, r, alive)
                     for i in dead:
                         alive[i] = False
                         log.warning("weight-space surrogate: %s has non-finite values in %s; its distances are left out", names[i], k)
@@ -686,6 +688,8 @@ class SurrogateSampler(BaseSampler):
         self._warned: set[str] = set()
         #: why the last proposal came from the staged plan (None: the surrogate proposed it); for logs and tests
         self.last_fallback: str | None = None
+        #: ``exploit`` (the MAP point), ``explore`` (a Thompson draw) or ``staged`` (startup / fallback)
+        self.last_kind: str = "staged"
 
     def reseed_rng(self) -> None:
         self._staged.reseed_rng()
@@ -698,7 +702,10 @@ class SurrogateSampler(BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         if not search_space:
             return {}
-        return self.propose(study, search_space)
+        params = self.propose(study, search_space)
+        # which kind of proposal this is, for the dashboard and for pruner=incumbent's ``spare_exploit``
+        study._storage.set_trial_user_attr(trial._trial_id, PROPOSAL_ATTR, self.last_kind)
+        return params
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
@@ -708,6 +715,7 @@ class SurrogateSampler(BaseSampler):
     # ---- proposal -----------------------------------------------------------------------------------------------
     def _fallback(self, study: optuna.Study, dists: Mapping[str, BaseDistribution], why: str) -> Params:
         self.last_fallback = why
+        self.last_kind = "staged"
         if why not in self._warned and not why.startswith("startup"):
             self._warned.add(why)
             log.info("sampler=surrogate: %s; the staged plan proposes instead", why)
@@ -739,6 +747,7 @@ class SurrogateSampler(BaseSampler):
             params = {n: params.get(n, best[n]) for n in dists}
             if _key(params) not in seen:
                 self.last_fallback = None
+                self.last_kind = "exploit" if scale == 0.0 else "explore"
                 return params
             scale = max(scale, self.thompson_scale) * 1.5  # that recipe is known already: look a little wider
         return self._fallback(study, dists, "every draw landed on a known recipe")

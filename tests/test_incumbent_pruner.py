@@ -1,0 +1,82 @@
+"""pruner=incumbent: stop a trial whose running mean is confidently below the best finished trial - and its options
+for surrogate studies (spare the sampler's exploitation trials; count the incumbent's own noise)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from astolfo_opt.errors import ConfigError
+from astolfo_opt.search.strategies import IncumbentPruner, make_incumbent_pruner
+
+STEPS = 16
+PER_STEP = [0.04 if i % 2 else -0.04 for i in range(STEPS)]  # per-batch scores around the mean: sd ~0.041
+
+
+def _finished(value: float) -> optuna.trial.FrozenTrial:
+    """A complete trial that reported the running mean of ``value + PER_STEP`` after each of 16 batches."""
+    iv, tot = {}, 0.0
+    for k, d in enumerate(PER_STEP, start=1):
+        tot += value + d
+        iv[k] = tot / k
+    return create_trial(state=TrialState.COMPLETE, value=iv[STEPS], params={"x": 0.5},
+                        distributions={"x": FloatDistribution(0, 1)}, intermediate_values=iv)
+
+
+def _study(best: float = 0.80) -> optuna.Study:
+    study = optuna.create_study(direction="maximize", storage=optuna.storages.InMemoryStorage())
+    for v in (0.60, 0.70, best):
+        study.add_trial(_finished(v))
+    return study
+
+
+def _running(study: optuna.Study, means: list[float], proposal: str | None = None) -> optuna.trial.FrozenTrial:
+    trial = study.ask()
+    if proposal is not None:  # what SurrogateSampler writes, straight into the storage
+        study._storage.set_trial_user_attr(trial._trial_id, "proposal", proposal)
+    for k, m in enumerate(means, start=1):
+        trial.report(m, k)
+    return trial._get_latest_trial()  # the cached copy Optuna hands to pruners (without the sampler's attribute)
+
+
+def test_prunes_only_what_is_confidently_below_the_incumbent():
+    study = _study()
+    pr = IncumbentPruner(z=2.0)
+    assert pr.prune(study, _running(study, [0.60, 0.61, 0.60, 0.62]))      # 0.6 + 2*0.041/2 = 0.64 < 0.80
+    assert not pr.prune(study, _running(study, [0.78, 0.79, 0.78, 0.79]))  # within noise of the incumbent
+    assert not pr.prune(study, _running(study, [0.20]))                    # warm-up: never at the first batch
+    minimise = optuna.create_study(direction="minimize", storage=optuna.storages.InMemoryStorage())
+    for v in (0.9, 0.8, 0.2):
+        minimise.add_trial(_finished(v))
+    assert pr.prune(minimise, _running(minimise, [0.6, 0.6, 0.6, 0.6])) and not pr.prune(minimise, _running(minimise, [0.25, 0.22]))
+
+
+def test_spare_exploit_keeps_the_samplers_best_guess_running():
+    study = _study()
+    means = [0.60, 0.61, 0.60, 0.62]
+    spare = IncumbentPruner(spare_exploit=True)
+    assert not spare.prune(study, _running(study, means, proposal="exploit"))  # read from the storage, not the cache
+    assert spare.prune(study, _running(study, means, proposal="explore"))
+    assert spare.prune(study, _running(study, means))
+    assert IncumbentPruner().prune(study, _running(study, means, proposal="exploit"))  # option off: pruned as before
+
+
+def test_incumbent_noise_widens_the_margin_by_the_incumbents_own_error():
+    """The best finished value is itself a 16-batch mean (and the max of many such): with ``incumbent_noise`` the test
+    is the two-sample one, z·sd·√(1/k + 1/16) instead of z·sd/√k."""
+    study = _study()
+    sd = 0.04 * (16 / 15) ** 0.5  # the pooled per-batch spread of the finished trials
+    k = 8
+    m = 0.80 - 2.0 * sd * (1 / k) ** 0.5 - 0.005  # just below the plain margin, inside the two-sample one
+    means = [m] * k
+    assert IncumbentPruner(z=2.0).prune(study, _running(study, means))
+    assert not IncumbentPruner(z=2.0, incumbent_noise=True).prune(study, _running(study, means))
+
+
+def test_config_options_are_checked():
+    pr = make_incumbent_pruner(z=1.5, spare_exploit=True, incumbent_noise=True)
+    assert pr.z == 1.5 and pr.spare_exploit and pr.incumbent_noise
+    with pytest.raises(ConfigError, match="pruner.zz is not an option"):
+        make_incumbent_pruner(zz=1)
