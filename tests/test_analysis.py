@@ -301,3 +301,30 @@ def test_broken_base_key_is_skipped_and_missing_base_component_falls_back(tmp_pa
     ref = brute_force(models, None, "vae")[0]
     np.testing.assert_allclose(a["vae"].distance, ref, rtol=1e-6)
     assert any("base lacks this component" in line for line in a.summary_lines())
+
+
+@pytest.mark.parametrize("which", ["far", "dup"])
+def test_map_labels_do_not_overlap(far_pool, dup_pool, which):
+    """Every model label on the maps is readable: no two label boxes overlap as rendered (Agg), also for the
+    near-duplicates that sit on one point and the tight cluster left beside a far-off model."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation, Text
+
+    paths, base = (far_pool.models, far_pool.base) if which == "far" else (dup_pool[0].models + dup_pool[1], dup_pool[0].base)
+    a = analyse_pool(paths, base, progress=False, cache=False)
+    fig = build_figure(a)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    checked = 0
+    for ax in fig.axes:
+        if "MDS" not in ax.get_title() and "excluding outliers" not in ax.get_title():
+            continue
+        # the text's own box (Annotation.get_window_extent would add its leader line)
+        boxes = [(t.get_text(), Text.get_window_extent(t, renderer)) for t in ax.texts if isinstance(t, Annotation)]
+        assert len(boxes) >= 4
+        for i, (na, ba) in enumerate(boxes):
+            for nb, bb in boxes[i + 1:]:
+                overlap = min(ba.x1, bb.x1) - max(ba.x0, bb.x0) > 1 and min(ba.y1, bb.y1) - max(ba.y0, bb.y0) > 1
+                assert not overlap, (ax.get_title(), na, nb)
+        checked += 1
+    assert checked >= len(a.components)  # one map per component, plus the outlier-free one where there are outliers
