@@ -70,12 +70,7 @@ def run_strategy(name: str, space, oracle, *, trials: int, seed: int, noise: flo
     for item in filter(None, popts.split(";")):
         k, _, v = item.partition("=")
         pcfg[k.strip()] = yaml.safe_load(v)
-    if pcfg.get("name") == "incumbent":
-        from astolfo_opt.search.strategies import make_incumbent_pruner
-
-        pr = make_incumbent_pruner(**{k: v for k, v in pcfg.items() if k != "name"})
-    else:
-        pr = make_pruner(pcfg, multi=False)
+    pr = make_pruner(pcfg, multi=False)  # exactly as ``astolfo-opt search pruner=NAME`` builds it
     greedy = name == "greedy"
     sampler = _sampler("tpe" if greedy else name, seed)
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize", sampler=sampler, pruner=pr)

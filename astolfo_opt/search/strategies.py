@@ -46,6 +46,10 @@ from astolfo_opt.errors import ConfigError
 Params = dict[str, Any]
 Plan = Generator[Params, float | None, None]
 
+#: trial user attribute in which a sampler names the kind of proposal (``surrogate``: ``exploit`` = its MAP point,
+#: ``explore`` = a Thompson draw, ``staged``); ``pruner=incumbent`` with ``spare_exploit`` reads it
+PROPOSAL_ATTR = "proposal"
+
 #: continuous parameter families that share one value in the *line* stage
 LINE_PREFIXES = ("alpha.", "pair.")
 
@@ -439,9 +443,9 @@ class IncumbentPruner(BasePruner):
     def _proposal(study: optuna.Study, trial: FrozenTrial) -> str | None:
         """The sampler's tag of this trial. Read from the storage: the sampler writes it there, and the trial Optuna
         hands to a pruner is a cached copy that only tracks what the objective itself set."""
-        got = trial.user_attrs.get("proposal")
+        got = trial.user_attrs.get(PROPOSAL_ATTR)
         if got is None:
-            got = study._storage.get_trial_user_attrs(trial._trial_id).get("proposal")
+            got = study._storage.get_trial_user_attrs(trial._trial_id).get(PROPOSAL_ATTR)
         return got
 
 
@@ -463,5 +467,5 @@ def make_incumbent_pruner(**opts: Any) -> IncumbentPruner:
     return IncumbentPruner(**opts)
 
 
-__all__ = ["IncumbentPruner", "StagedSampler", "make_incumbent_pruner", "make_staged_sampler", "staged_plan", "start_params",
-           "trial_value", "FloatDistribution"]
+__all__ = ["PROPOSAL_ATTR", "IncumbentPruner", "StagedSampler", "make_incumbent_pruner", "make_staged_sampler", "staged_plan",
+           "start_params", "trial_value", "FloatDistribution"]

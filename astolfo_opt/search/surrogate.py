@@ -46,13 +46,11 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from astolfo_opt.errors import AstolfoError, ConfigError
-from astolfo_opt.search.strategies import Params, StagedSampler, _key, start_params, trial_value
+from astolfo_opt.search.strategies import PROPOSAL_ATTR, Params, StagedSampler, _key, start_params, trial_value
 
 log = logging.getLogger("astolfo_opt.search")
 
 # ------------------------------------------------------------------------------------------------ weight space
-#: trial user attribute naming the kind of proposal: ``exploit`` (MAP), ``explore`` (Thompson draw) or ``staged``
-PROPOSAL_ATTR = "proposal"
 #: prefix of the inclusion bits and of the MBW alphas the weight-space surrogate understands
 INC, ALPHA = "inc.", "alpha."
 #: recipe families (parameter prefixes) the weight-space sampler can map to merged-weight coordinates
