@@ -9,10 +9,33 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from astolfo_opt.testing.factory import Pool, make_pool
+
+MIN_FREE_DISK = 4 * 2**30
+"""The suite writes up to ~3 GB of generated checkpoints at once (measured peak; the 8 GB full-size test checks its
+own room and skips without it). Below this, every fixture would fail with "disk full" one by one: stop at once instead."""
+
+
+def _free_disk() -> tuple[str, int]:
+    where = os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()
+    return where, shutil.disk_usage(where).free
+
+
+def pytest_report_header(config) -> str:
+    where, free = _free_disk()
+    return f"astolfo-opt: {free / 2**30:.1f} GiB free disk at {where}"
+
+
+def pytest_sessionstart(session) -> None:
+    where, free = _free_disk()
+    if free < MIN_FREE_DISK:
+        raise pytest.UsageError(f"only {free / 2**30:.1f} GiB free at {where}; the test suite needs {MIN_FREE_DISK / 2**30:.0f} GiB "
+                                "for its generated checkpoints (free space, or point TMPDIR at a larger disk)")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -278,22 +278,28 @@ def test_full_size_pool_larger_than_the_memory_cap_merges(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     if free < 12 * 2**30:
         pytest.skip(f"needs ~12 GiB free disk for three full-size files and the output ({free / 2**30:.1f} GiB free)")
-    models = [make_checkpoint(tmp_path / f"full{i}.safetensors", ModelSpec(arch="sd1", size="full", seed=70 + i)) for i in range(3)]
-    total = sum(p.stat().st_size for p in models)
-    cap = 4 * 2**30
-    assert total > 1.4 * cap  # the cap means something: the pool (and not even half of it beside torch) cannot be held
     out = tmp_path / "out" / "merged.safetensors"
-    r = subprocess.run([sys.executable, "-c", CAPPED, str(cap), *merge_argv(models, out)], cwd=tmp_path, env=_env(tmp_path),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    key = "model.diffusion_model.middle_block.1.proj_in.weight"
-    want = torch.zeros(())
-    for m in models:
-        with open_checkpoint(m) as r:
-            want = want + r.get(key).double() / 3
-    with open_checkpoint(out) as merged, open_checkpoint(models[0]) as first:
-        assert set(merged.keys()) == set(first.keys())
-        assert torch.allclose(merged.get(key).double(), want, atol=2e-3)
+    models = [tmp_path / f"full{i}.safetensors" for i in range(3)]
+    try:
+        for i, m in enumerate(models):
+            make_checkpoint(m, ModelSpec(arch="sd1", size="full", seed=70 + i))
+        total = sum(p.stat().st_size for p in models)
+        cap = 4 * 2**30
+        assert total > 1.4 * cap  # the cap means something: the pool (and not even half of it beside torch) cannot be held
+        r = subprocess.run([sys.executable, "-c", CAPPED, str(cap), *merge_argv(models, out)], cwd=tmp_path, env=_env(tmp_path),
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        key = "model.diffusion_model.middle_block.1.proj_in.weight"
+        want = torch.zeros(())
+        for m in models:
+            with open_checkpoint(m) as r:
+                want = want + r.get(key).double() / 3
+        with open_checkpoint(out) as merged, open_checkpoint(models[0]) as first:
+            assert set(merged.keys()) == set(first.keys())
+            assert torch.allclose(merged.get(key).double(), want, atol=2e-3)
+    finally:  # 8 GB: never left on a shared disk, pass or fail (pytest keeps a failed test's folder)
+        for p in (*models, out):
+            p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------- PostgreSQL
