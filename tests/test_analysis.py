@@ -171,6 +171,32 @@ def test_two_families_form_two_clusters(tmp_path):
     assert any("2 clusters" in line for line in a.summary_lines())
 
 
+def test_grouped_pass_gives_each_blocks_gram(mixed_pool):
+    """``accumulate(group_of=...)`` (the search surrogate's per-MBW-block geometry) equals Grams summed block by block
+    directly from the tensors, and the groups partition the component's Gram."""
+    models, base, layout = dist_mod.open_pool([Path(p) for p in mixed_pool.models], Path(mixed_pool.base))
+    try:
+        stats = dist_mod.accumulate(models, base, layout, ["unet", "te0"], torch.device("cpu"), progress=False,
+                                    group_of=lambda k: layout.block_of(k, None) or "BASE")
+        for comp, st in stats.items():
+            assert len(st.group_grams) > (10 if comp == "unet" else 0)
+            np.testing.assert_allclose(sum(st.group_grams.values()), st.gram, rtol=1e-12)
+            want: dict[str, np.ndarray] = {}
+            for k in dist_mod.plan_component(comp, layout, models, base)[0]:
+                b = base.reader.get(base.keymap[k]).double().reshape(-1)
+                d = torch.stack([m.reader.get(m.keymap[k]).double().reshape(-1) - b for m in models])
+                label = layout.block_of(k, None) or "BASE"
+                want[label] = want.get(label, 0) + (d @ d.T).numpy()
+            assert want.keys() == st.group_grams.keys()
+            for label, g in want.items():
+                np.testing.assert_allclose(st.group_grams[label], g, rtol=1e-9, atol=1e-12)
+            back = dist_mod.ComponentStats.from_json(json.loads(json.dumps(st.to_json())))
+            assert all(np.array_equal(back.group_grams[k], v) for k, v in st.group_grams.items())
+    finally:
+        for o in [*models, base]:
+            o.reader.close()
+
+
 def test_nan_and_absent_component_are_excluded_and_reported(tmp_path):
     key = "first_stage_model.decoder.conv_in.weight"
     pool = make_pool(tmp_path, n=5, overrides={1: {"corrupt": {key: "nan"}}, 2: {"drop": {"te0": 1.0}}})

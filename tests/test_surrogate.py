@@ -5,6 +5,7 @@ and stateless, and falls back to the staged plan where it cannot map the space."
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from astolfo_opt.search.surrogate import (
     WeightSpace,
     weight_space_from_files,
 )
+from astolfo_opt.testing.factory import make_pool
 
 NO_BASE_BITS = {"kind": "inclusion_mbw", "components": ["unet", "te0", "te1"], "min_models": 1, "include_base": False,
                 "mbw": {"components": ["unet"], "range": [0.0, 1.0]}}
@@ -74,6 +76,26 @@ def test_gram_distance_equals_torch_merge_distance(tiny):
         direct = sum(float((m1[k].double() - m2[k].double()).pow(2).sum()) for k in m1)
         assert direct > 0
         assert ws.dist2(ws.coords(s1), ws.coords(s2)) == pytest.approx(direct, rel=1e-4)
+
+
+def test_weight_space_leaves_out_a_non_finite_member(tmp_path, caplog):
+    """A pool member with NaN in one UNet tensor: the pass warns and keeps it out of the geometry (zero rows), while
+    the healthy members' block Grams are the ones a pool without it gives."""
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    pool = make_pool(tmp_path / "p", n=3, seed=11, overrides={1: {"corrupt": {key: "nan"}}})
+    clean = make_pool(tmp_path / "q", n=3, seed=11)
+    paths = {p.stem: str(p) for p in [pool.base, *pool.models]}
+    with caplog.at_level(logging.WARNING):
+        ws = weight_space_from_files(paths, "base", ["unet", "te0"], None, cache=False)
+    assert any("m01" in r.getMessage() and key in r.getMessage() for r in caplog.records)
+    assert np.isfinite(ws.gram).all()
+    assert ws.names == ["m00", "m01", "m02"]
+    i = ws.names.index("m01")
+    unet = [j for j, (c, _) in enumerate(ws.blocks) if c == "unet"]
+    assert not ws.gram[unet][:, i, :].any()  # left out of every UNet block, even those read before the NaN
+    ref = weight_space_from_files({p.stem: str(p) for p in [clean.base, *clean.models]}, "base", ["unet", "te0"], None, cache=False)
+    keep = [0, 2]
+    np.testing.assert_allclose(ws.gram[:, keep][:, :, keep], ref.gram[:, keep][:, :, keep], rtol=1e-9)
 
 
 def test_projector_returns_the_recipe_whose_merge_is_the_centre(tiny):

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,18 +79,24 @@ class ComponentStats:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys
     excluded: dict[str, str] = field(default_factory=dict)  # model name -> why it is left out of this component
     dtypes: dict[str, str] = field(default_factory=dict)  # model name -> dtype(s) its component is stored in
+    # group label -> [n, n] float64 Gram over that group's keys (only when the pass was given ``group_of``; the
+    # groups partition the used keys, so their sum is ``gram``): the search surrogate's per-MBW-block matrices
+    group_grams: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"component": self.component, "names": self.names, "gram": self.gram.tolist(), "sumsq": self.sumsq.tolist(),
                 "base_sumsq": self.base_sumsq, "reference": self.reference, "keys_used": self.keys_used, "numel": self.numel,
-                "skipped": self.skipped, "excluded": self.excluded, "dtypes": self.dtypes}
+                "skipped": self.skipped, "excluded": self.excluded, "dtypes": self.dtypes,
+                "group_grams": {k: v.tolist() for k, v in self.group_grams.items()}}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ComponentStats:
         return cls(component=d["component"], names=list(d["names"]), gram=np.asarray(d["gram"], dtype=np.float64).reshape(
             len(d["names"]), len(d["names"])), sumsq=np.asarray(d["sumsq"], dtype=np.float64), base_sumsq=d["base_sumsq"],
             reference=d["reference"], keys_used=int(d["keys_used"]), numel=int(d["numel"]),
-            skipped={k: list(v) for k, v in d["skipped"].items()}, excluded=dict(d["excluded"]), dtypes=dict(d["dtypes"]))
+            skipped={k: list(v) for k, v in d["skipped"].items()}, excluded=dict(d["excluded"]), dtypes=dict(d["dtypes"]),
+            group_grams={k: np.asarray(v, dtype=np.float64).reshape(len(d["names"]), len(d["names"]))
+                         for k, v in d.get("group_grams", {}).items()})
 
     @property
     def usable(self) -> list[int]:
@@ -261,8 +267,13 @@ def chunk_products(x: torch.Tensor, ref: torch.Tensor | None, alive: list[bool]
 
 
 def accumulate(models: list[OpenedModel], base: OpenedModel | None, layout: Layout, components: Sequence[str], device: torch.device,
-               progress: bool = True) -> dict[str, ComponentStats]:
-    """The streaming pass: for each component and key (layout order) read that tensor from every member once."""
+               progress: bool = True, group_of: Callable[[str], str] | None = None) -> dict[str, ComponentStats]:
+    """The streaming pass: for each component and key (layout order) read that tensor from every member once.
+
+    ``group_of`` (canonical key -> label, e.g. its MBW block) also keeps one Gram per label in
+    :attr:`ComponentStats.group_grams`: the search surrogate needs the pool's geometry block by block, and one pass
+    serves both (per-key Grams are formed anyway; adding them to a second matrix is free).
+    """
     from tqdm.auto import tqdm
 
     n = len(models)
@@ -279,6 +290,7 @@ def accumulate(models: list[OpenedModel], base: OpenedModel | None, layout: Layo
             base_sumsq = torch.zeros((), dtype=torch.float64, device=device)
             dtypes: dict[str, set[str]] = {m.name: set() for m in models}
             keys_used, numel_used = 0, 0
+            groups: dict[str, torch.Tensor] = {}
             chunk = max(1 << 14, CHUNK_BUDGET_BYTES // (8 * 3 * (n + 1)))
             for key in used:
                 bt = flat_tensor(cbase, key) if cbase is not None else None
@@ -314,6 +326,9 @@ def accumulate(models: list[OpenedModel], base: OpenedModel | None, layout: Layo
                     skipped.setdefault("non-finite in base", []).append(key)
                     continue
                 gram += kg
+                if group_of is not None:
+                    g_acc = groups.get(label := group_of(key))
+                    groups[label] = kg if g_acc is None else g_acc.add_(kg)
                 sumsq += kg.diagonal() + 2.0 * kc + kr  # ‖x‖² = ‖d‖² + 2<d, ref> + ‖ref‖²
                 base_sumsq += kr
                 keys_used += 1
@@ -323,7 +338,8 @@ def accumulate(models: list[OpenedModel], base: OpenedModel | None, layout: Layo
                 component=comp, names=[m.name for m in models], gram=gram.cpu().numpy(), sumsq=sumsq.cpu().numpy(),
                 base_sumsq=float(base_sumsq) if cbase is not None else None, reference=ref_kind, keys_used=keys_used,
                 numel=numel_used, skipped=skipped, excluded=excluded,
-                dtypes={k: "+".join(sorted(v)) for k, v in dtypes.items()})
+                dtypes={k: "+".join(sorted(v)) for k, v in dtypes.items()},
+                group_grams={k: v.cpu().numpy() for k, v in groups.items()})
     return out
 
 

@@ -115,25 +115,17 @@ _WS_MEMO: dict[str, WeightSpace] = {}
 
 def weight_space_from_files(paths: Mapping[str, str], base: str | None, components: Sequence[str], time_embed_block: str | None,
                             device: str = "cpu", cache: bool = True) -> WeightSpace:
-    """Block Gram matrices of a pool from its files: one streaming pass (the analysis code's reader, key plan and fp64
-    chunk products), cached in memory and in the analysis cache folder by file identity (path, size, mtime)."""
-    import torch
+    """Block Gram matrices of a pool from its files: the weight-space analysis's own streaming pass
+    (:func:`astolfo_opt.analysis.distances.accumulate`, grouped by MBW block), cached in memory and in the analysis
+    cache folder by file identity (path, size, mtime). Members the pass leaves out of a component (absent, non-finite)
+    are logged; keys non-finite in the reference are skipped as in ``inspect``."""
 
-    from astolfo_opt.analysis.distances import (
-        CHUNK_BUDGET_BYTES,
-        cache_dir,
-        chunk_products,
-        file_identity,
-        flat_tensor,
-        open_pool,
-        plan_component,
-        resolve_device,
-    )
+    from astolfo_opt.analysis.distances import accumulate, cache_dir, file_identity, open_pool, plan_component, resolve_device
     from astolfo_opt.checkpoint.writer import atomic_write_text
 
     ref = base if base in paths else next(iter(paths))
     names = [n for n in paths if n != ref]
-    ident = {"v": 1, "models": [[n, *file_identity(Path(paths[n]))] for n in names], "ref": [ref, *file_identity(Path(paths[ref]))],
+    ident = {"v": 2, "models": [[n, *file_identity(Path(paths[n]))] for n in names], "ref": [ref, *file_identity(Path(paths[ref]))],
              "components": list(components), "teb": time_embed_block}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     if key in _WS_MEMO:
@@ -148,38 +140,28 @@ def weight_space_from_files(paths: Mapping[str, str], base: str | None, componen
                 return ws
     t0 = time.perf_counter()
     models, ref_o, layout = open_pool([Path(paths[n]) for n in names], Path(paths[ref]))
-    dev = resolve_device(device)
-    grams: dict[tuple[str, str], Any] = {}
-    n = len(names)
     try:
-        for comp in components:
-            if comp not in layout.components:
-                continue
-            used, _skipped, excluded, cref = plan_component(comp, layout, models, ref_o)
-            if cref is None:
+        comps = [c for c in components if c in layout.components]
+        for comp in comps:  # headers only: refuse before the pass, not after it
+            if plan_component(comp, layout, models, ref_o)[3] is None:
                 raise ConfigError(f"weight-space surrogate: the reference model {ref} has no {comp}")
-            alive = [m.name not in excluded for m in models]
-            chunk = max(1 << 14, CHUNK_BUDGET_BYTES // (8 * 3 * (n + 1)))
-            for k in used:
-                blk = layout.block_of(k, time_embed_block) or "BASE"
-                bt = flat_tensor(cref, k)
-                ts = [flat_tensor(m, k) if alive[i] else None for i, m in enumerate(models)]
-                numel = bt.numel()
-                acc = grams.setdefault((comp, blk), torch.zeros((n, n), dtype=torch.float64, device=dev))
-                for s in range(0, numel, chunk):
-                    e = min(numel, s + chunk)
-                    r = bt[s:e].to(dev).double()
-                    x = torch.stack([r if t is None else t[s:e].to(dev).double() for t in ts])
-                    g, _, _, dead = chunk_products(x, r, alive)
-                    for i in dead:
-                        alive[i] = False
-                        log.warning("weight-space surrogate: %s has non-finite values in %s; its distances are left out", names[i], k)
-                    acc += g
+        stats = accumulate(models, ref_o, layout, comps, resolve_device(device),
+                           group_of=lambda k: layout.block_of(k, time_embed_block) or "BASE")
     finally:
         for o in [*models, ref_o]:
             o.reader.close()
+    grams: dict[tuple[str, str], Any] = {}
+    for comp, st in stats.items():
+        for who, why in st.excluded.items():
+            log.warning("weight-space surrogate: %s is left out of %s (%s); its distances there are not measured", who, comp, why)
+        out = [i for i, nm in enumerate(st.names) if nm in st.excluded]
+        for blk, g in st.group_grams.items():
+            g[out, :] = 0.0  # the pass stops filling a member's rows where it finds the fault: blank them all, so
+            g[:, out] = 0.0  # the geometry does not depend on which key happened to come first
+            grams[(comp, blk)] = g
+    n = len(names)
     blocks = [b for b in dict.fromkeys((c, blk) for c in components for blk in ["BASE", *layout.block_ids]) if b in grams]
-    ws = WeightSpace(names, ref, blocks, np.stack([grams[b].cpu().numpy() for b in blocks]), ref_is_base=ref == base)
+    ws = WeightSpace(names, ref, blocks, np.stack([grams[b] for b in blocks]), ref_is_base=ref == base)
     log.info("weight-space surrogate: block Gram matrices of %d models x %d blocks from one pass over the files (%.1fs)",
              n + 1, len(blocks), time.perf_counter() - t0)
     _WS_MEMO[key] = ws
