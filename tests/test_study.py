@@ -112,6 +112,23 @@ def test_hydra_app_runs_and_sweeps(pool_dir, tmp_path, monkeypatch, capsys):
     assert "error: pool folder not found: /nonexistent" in capsys.readouterr().err
 
 
+def test_default_search_is_set_up_for_real_models(pool_dir, tmp_path, monkeypatch, capsys):
+    """With no scorer / render override, `astolfo-opt search` is the real-use configuration (ViT-L/14 + LAION head,
+    512 px / 20 steps), and without local CLIP weights it stops with one line naming the key to set."""
+    from hydra import compose, initialize_config_dir
+
+    from astolfo_opt.commands.search import run_passthrough
+
+    monkeypatch.delenv("ASTOLFO_CLIP_L14", raising=False)
+    with initialize_config_dir(config_dir=str(SHIPPED), version_base="1.3", job_name="defaults"):
+        cfg = compose("config")
+    assert cfg.scorer.scorers.clip.model == "ViT-L-14-quickgelu" and "aesthetic" in cfg.scorer.scorers
+    assert (cfg.render.width, cfg.render.height, cfg.render.steps, cfg.render.prompt_set) == (512, 512, 20, "default")
+    monkeypatch.chdir(tmp_path)
+    assert run_passthrough([f"pool.folder={pool_dir}", "pool.base=base", "n_trials=1", "progress=false", "study_name=d"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: scorer.scorers.clip.pretrained is required"), err
+
 def test_dashboard_server_args(tmp_path, pool_dir, monkeypatch):
     from astolfo_opt.commands import dashboard
 

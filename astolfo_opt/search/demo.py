@@ -19,10 +19,11 @@ from astolfo_opt.errors import ConfigError
 DEMO_MODELS = 7
 
 
-def make_demo_pool(folder: Path) -> list[Path]:
+def make_demo_pool(folder: str | Path) -> list[Path]:
     """Base + ``m00..m06`` (m06 with m00's text encoder) + ``m07_nan`` (tiny SD1, fp16). Regenerated only when missing."""
     from astolfo_opt.testing.factory import ModelSpec, make_checkpoint, make_pool
 
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "base.safetensors").is_file() or not (folder / "m07_nan.safetensors").is_file():
         pool = make_pool(folder, n=DEMO_MODELS - 1, spreads=[0.04, 0.05, 0.06, 0.07, 0.05, 0.08])
@@ -68,7 +69,8 @@ def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 24, fresh: bool 
     print(f"[3/5] scorer: tiny random CLIP tower {Path(clip['pretrained']).name} + aesthetic head {Path(aes['head']).name}")
     overrides = [
         "pool=demo", f"pool.folder={pool_dir}", "study_name=demo", f"run_dir={out}", f"n_trials={n_trials}", f"device={device}",
-        "scorer=tiny_clip", f"scorer.scorers.clip.pretrained={clip['pretrained']}", f"scorer.scorers.aesthetic.head={aes['head']}",
+        "render=tiny", "scorer=tiny_clip", f"scorer.scorers.clip.pretrained={clip['pretrained']}",
+        f"scorer.scorers.aesthetic.head={aes['head']}",
         "pruner=median", "pruner.n_startup_trials=4", "sampler=tpe", "sampler.n_startup_trials=8", "space=inclusion_mbw",
         *(extra_overrides or []),
     ]
