@@ -129,6 +129,7 @@ def test_default_search_is_set_up_for_real_models(pool_dir, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: scorer.scorers.clip.pretrained is required"), err
 
+
 def test_dashboard_server_args(tmp_path, pool_dir, monkeypatch):
     from astolfo_opt.commands import dashboard
 
