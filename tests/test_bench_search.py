@@ -10,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 
@@ -137,7 +138,8 @@ def test_staged_plan_structure():
 
 
 def test_staged_sampler_optimises_a_separable_toy():
-    """On a noiseless separable toy (4 bits, 2 alphas) the sampler finds the optimum well within 40 trials."""
+    """On a noiseless separable toy (4 bits, 2 alphas) the sampler finds the optimum well within 40 trials: at least 4
+    of 5 seeds find the bits, and the median best is within 0.02 of the optimum (measured: 10 of 10 seeds, best 0)."""
     def f(trial: optuna.Trial) -> float:
         bits = [trial.suggest_int(f"inc.unet.m{i}", 0, 1) for i in range(4)]
         al = [trial.suggest_float(f"alpha.unet.B{i}", 0.0, 1.0) for i in range(2)]
@@ -145,11 +147,14 @@ def test_staged_sampler_optimises_a_separable_toy():
         return -sum(b != w for b, w in zip(bits, want, strict=True)) - sum((a - 0.4) ** 2 for a in al)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(direction="maximize", sampler=StagedSampler(seed=0))
-    study.optimize(f, n_trials=40)
-    assert study.trials[0].params["inc.unet.m0"] == 1  # starts at the uniform average
-    assert study.best_value > -0.02
-    assert [study.best_params[f"inc.unet.m{i}"] for i in range(4)] == [1, 0, 1, 0]
+    bests, found = [], 0
+    for seed in range(5):
+        study = optuna.create_study(direction="maximize", sampler=StagedSampler(seed=seed))
+        study.optimize(f, n_trials=40)
+        assert study.trials[0].params["inc.unet.m0"] == 1  # starts at the uniform average
+        bests.append(study.best_value)
+        found += [study.best_params[f"inc.unet.m{i}"] for i in range(4)] == [1, 0, 1, 0]
+    assert float(np.median(bests)) > -0.02 and found >= 4, (bests, found)
 
 
 def test_bench_smoke(tmp_path, bench_dir, bench_setup):
@@ -191,7 +196,6 @@ def test_bound_learner_geometry_and_output(tmp_path, bench_dir):
     """experiments/bench_search_bound.py: with the bits exact, s depends only on the block alphas through the
     oracle's own Gram matrices (checked against the oracle itself), the ceilings grow with the blocks set exactly,
     and without noise the learner closes in on the target."""
-    import numpy as np
 
     spec = importlib.util.spec_from_file_location("bench_search_bound", ROOT / "experiments" / "bench_search_bound.py")
     mod = importlib.util.module_from_spec(spec)
@@ -208,8 +212,12 @@ def test_bound_learner_geometry_and_output(tmp_path, bench_dir):
     c = mod.ceilings(g, target, norm)
     ladder = [c["shared"]] + [c[f"top{k}"] for k in (1, 2, 3, 5, 8, 12)]
     assert ladder == sorted(ladder) and ladder[-1] < 1.0
-    curve = mod.learner_curve(g, target, norm, trials=30, noise=0.0, rng=np.random.default_rng(0))
-    assert curve == sorted(curve) and curve[-1] > max(curve[3], c["shared"])
+    better = 0
+    for seed in range(5):  # the learner's best-so-far never falls; it passes the shared-alpha ceiling on most seeds
+        curve = mod.learner_curve(g, target, norm, trials=30, noise=0.0, rng=np.random.default_rng(seed))
+        assert curve == sorted(curve)
+        better += curve[-1] > max(curve[3], c["shared"])
+    assert better >= 4, better
     out = tmp_path / "bound.json"
     assert mod.main(["--seed", "0", "--models", "4", "--trials", "8", "--repeats", "1", "--workdir", str(bench_dir),
                      "--json", str(out)]) == 0

@@ -316,7 +316,7 @@ class RadialSurrogate:
         self._idx = {sl: i for i, sl in enumerate(self.slots) if sl[0] in ("w", "w_ref", "alpha")}
         self._mu = {info: i for i, (kind, info) in enumerate(self.slots) if kind == "mu"}
         self.x: np.ndarray | None = None
-        self.cov: np.ndarray | None = None
+        self.chol: np.ndarray | None = None  # lower Cholesky factor of the posterior precision (Laplace)
         self.sigma = float("nan")
 
     # ---- the centre θ° and its derivative ---------------------------------------------------------------------
@@ -481,17 +481,35 @@ class RadialSurrogate:
         _, Jy = self.predict(best.x, U, jac=True)
         _, pj = self._prior(best.x)
         Jf = np.vstack([-Jy * (wts / sigma)[:, None], pj])
-        self.x, self.cov, self.sigma = best.x, np.linalg.pinv(Jf.T @ Jf), sigma
+        self.x, self.sigma = best.x, sigma
+        self.chol = _precision_cholesky(Jf.T @ Jf)
         self.cost = float(best.cost)
         return sigma
 
     def sample(self, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
         """A Thompson draw of x from the Laplace posterior (``scale`` 0: the MAP point)."""
-        assert self.x is not None and self.cov is not None
+        assert self.x is not None and self.chol is not None
         if scale <= 0:
             return self.x.copy()
-        w, V = np.linalg.eigh((self.cov + self.cov.T) / 2)
-        return self.x + scale * (V * np.sqrt(np.clip(w, 0, None))) @ rng.standard_normal(self.P)
+        # H = L Lᵀ, so x̂ + L⁻ᵀz has covariance H⁻¹. The Cholesky factor is unique and continuous in H: the same
+        # study gives the same draw on every machine. An eigendecomposition is not (each eigenvector's sign, and the
+        # basis of a repeated eigenvalue, is the LAPACK kernel's choice), and that flipped whole draws between CPUs.
+        from scipy.linalg import solve_triangular
+
+        return self.x + scale * solve_triangular(self.chol, rng.standard_normal(self.P), lower=True, trans="T")
+
+
+def _precision_cholesky(H: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of a posterior precision ``H`` (symmetrised; PD through the prior rows, with the smallest
+    jitter that makes it factor when rounding leaves it semi-definite)."""
+    H = (H + H.T) / 2
+    jitter = 0.0
+    for _ in range(8):
+        try:
+            return np.linalg.cholesky(H + jitter * np.eye(len(H)))
+        except np.linalg.LinAlgError:
+            jitter = max(jitter * 100.0, 1e-10 * float(np.mean(np.diag(H))) or 1e-10)
+    raise np.linalg.LinAlgError("posterior precision is not positive definite")
 
 
 def _configs(m: int) -> np.ndarray:
