@@ -36,19 +36,21 @@ GIB = 1024**3
 
 MECHA_SCRIPT = """
 import sys, torch, sd_mecha
-out, paths = sys.argv[1], sys.argv[2:]
-models = [sd_mecha.model(p, config="sd1-ldm") for p in paths]
+config, device, out, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+models = [sd_mecha.model(p, config=config) for p in paths]
 sd_mecha.merge(sd_mecha.n_average(*models), merge_dtype=torch.float32, output_dtype=torch.float16, output=out,
-               strict_mandatory_keys=False, check_extra_keys=False)
+               merge_device=device, output_device="cpu", strict_mandatory_keys=False, check_extra_keys=False)
 """
+#: sd-mecha's model config per architecture of the factory's full-size files
+MECHA_CONFIG = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
 
 
-def ensure_pool(workdir: Path, n: int) -> list[Path]:
-    """``base`` + ``n - 1`` finetunes, generated once (a file that does not open is regenerated)."""
+def ensure_pool(workdir: Path, n: int, arch: str = "sd1") -> list[Path]:
+    """``base`` + ``n - 1`` full-size finetunes of ``arch``, generated once (a file that does not open is regenerated)."""
     from astolfo_opt.checkpoint.io import open_checkpoint
     from astolfo_opt.testing.factory import make_pool
 
-    folder = workdir / f"sd1_full_{n}"
+    folder = workdir / f"{arch}_full_{n}"
     want = [folder / "base.safetensors", *(folder / f"m{i:02d}.safetensors" for i in range(n - 1))]
     ok = True
     for p in want:
@@ -59,8 +61,8 @@ def ensure_pool(workdir: Path, n: int) -> list[Path]:
             ok = False
     if not ok:
         t0 = time.perf_counter()
-        print(f"generating {n} full-size SD1 fp16 checkpoints in {folder} ...", flush=True)
-        pool = make_pool(folder, n=n - 1, arch="sd1", size="full")
+        print(f"generating {n} full-size {arch} fp16 checkpoints in {folder} ...", flush=True)
+        pool = make_pool(folder, n=n - 1, arch=arch, size="full")
         print(f"  generated in {time.perf_counter() - t0:.0f} s", flush=True)
         return pool.all
     return want
@@ -110,19 +112,21 @@ def max_abs_diff(a: Path, b: Path) -> dict[str, Any]:
     return {"shared_keys": n, "max_abs_diff": worst, "worst_key": worst_key, "only_ours": only_a, "only_mecha": only_b}
 
 
-def bench_full(paths: list[Path], workdir: Path, *, mecha: bool, threads: int | None) -> dict[str, Any]:
+def bench_full(paths: list[Path], workdir: Path, *, mecha: bool, threads: int | None, arch: str = "sd1",
+               device: str = "cpu") -> dict[str, Any]:
     ours_out, mecha_out = workdir / "ours_average.safetensors", workdir / "mecha_average.safetensors"
     cmd = [sys.executable, "-m", "astolfo_opt.cli", "merge", "--average", *map(str, paths), "--out", str(ours_out),
-           "--no-progress", "--device", "cpu"]
+           "--no-progress", "--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
-    res: dict[str, Any] = {"inputs": len(paths), "input_gb": sum(p.stat().st_size for p in paths) / 1e9}
+    res: dict[str, Any] = {"inputs": len(paths), "input_gb": sum(p.stat().st_size for p in paths) / 1e9, "arch": arch,
+                           "device": device}
     res["ours"] = run_child(cmd)
     print(f"ours:     {res['ours']['seconds']:.1f} s, peak RSS {res['ours']['peak_rss_gib']:.2f} GiB  "
           f"(rc {res['ours']['rc']}) {res['ours']['stdout'][-160:]}", flush=True)
     if mecha:
         warm(paths)
-        res["mecha"] = run_child([sys.executable, "-c", MECHA_SCRIPT, str(mecha_out), *map(str, paths)])
+        res["mecha"] = run_child([sys.executable, "-c", MECHA_SCRIPT, MECHA_CONFIG[arch], device, str(mecha_out), *map(str, paths)])
         print(f"sd-mecha: {res['mecha']['seconds']:.1f} s, peak RSS {res['mecha']['peak_rss_gib']:.2f} GiB "
               f"(rc {res['mecha']['rc']})", flush=True)
         if res["mecha"]["rc"] == 0 and res["ours"]["rc"] == 0:
@@ -186,14 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--incremental-models", type=int, default=12, help="inputs of the incremental case (0: skip)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "astolfo-bench-merge")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--arch", choices=sorted(MECHA_CONFIG), default="sd1", help="layout of the generated full-size pool")
+    ap.add_argument("--device", default="cpu", help="merge device of both tools (cpu, cuda)")
     ap.add_argument("--no-mecha", action="store_true", help="skip the sd-mecha comparison")
     ap.add_argument("--json", type=Path, help="write the figures here")
     a = ap.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
-    paths = ensure_pool(a.workdir, a.models)
+    paths = ensure_pool(a.workdir, a.models, a.arch)
     print(f"warm page cache: {warm(paths):.1f} s for {sum(p.stat().st_size for p in paths) / 1e9:.1f} GB", flush=True)
     result: dict[str, Any] = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()}
-    result["full"] = bench_full(paths, a.workdir, mecha=not a.no_mecha, threads=a.threads)
+    result["full"] = bench_full(paths, a.workdir, mecha=not a.no_mecha, threads=a.threads, arch=a.arch, device=a.device)
     if a.incremental_models:
         warm(paths)
         result["incremental"] = bench_incremental(paths, a.workdir, a.incremental_models, a.threads)

@@ -53,6 +53,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1", help="layout of the full-size pool (bench_merge.ensure_pool)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -63,7 +64,7 @@ def main() -> int:
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    paths = ensure_pool(work, 4)
+    paths = ensure_pool(work, 4, a.arch)
     tower = random_vit_l(work)
     head = find_laion_head() or make_random_head(work / "random_head.pth")
     run = work / "bench_trial_run"
@@ -74,7 +75,8 @@ def main() -> int:
         "study_name": "bench_trial", "run_dir": str(run), "n_trials": a.trials, "seed": 0, "progress": False, "artifacts": True,
         "device": a.device, "warm_start": True, "reuse_duplicates": True, "time_embed_block": "IN00",
         "pool": {"folder": str(paths[0].parent), "base": "base"},
-        "space": {"kind": "inclusion_mbw", "components": ["unet", "te0"], "min_models": 1, "include_base": True,
+        "space": {"kind": "inclusion_mbw", "components": ["unet", "te0", "te1"] if a.arch == "sdxl" else ["unet", "te0"],
+                  "min_models": 1, "include_base": True,
                   "mbw": {"components": ["unet"], "range": [0.0, 1.0]}},
         "sampler": {"name": "random"}, "pruner": {"name": "none"}, "storage": {"kind": "rdb"}, "strategy": {"name": "optuna"},
         "evaluator": {"kind": "pipeline", "out_dtype": "fp16", "hash_tensors": True},
@@ -105,7 +107,8 @@ def main() -> int:
     later = [r for r in rows[1:]]  # the first trial fills the incremental caches (a full merge)
     later_tot = sum(r.get("total", 0.0) for r in later) or 1.0
     later_out = sum(r.get("total", 0.0) - r.get("render", 0.0) - r.get("score", 0.0) for r in later) / later_tot
-    summary = {"trials": a.trials, "size": a.size, "steps": a.steps, "prompts": a.prompts, "wall_s": wall,
+    summary = {"arch": a.arch, "device": a.device, "trials": a.trials, "size": a.size, "steps": a.steps, "prompts": a.prompts,
+               "wall_s": wall,
                "build_pipeline_and_scorers_s": wall - tot, "split": split,
                "outside_share_all": (tot - split.get("render", 0.0) - split.get("score", 0.0)) / tot,
                "outside_share_after_first": later_out, "rows": rows}

@@ -366,3 +366,20 @@ def test_direct_destination_gets_exactly_the_emitted_tensor(nan_pair, monkeypatc
     for k in sink.written:
         assert torch.equal(sink.buffers[k], sink.tensors[k].float().reshape(-1)), k
     assert torch.allclose(sink.tensors[key].double(), _t(good, key), atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_cuda_merge_matches_the_cpu_merge(tiny_pools, arch):
+    """The CUDA path (pinned staging, a stream per worker) computes what the CPU path does: same keys, same dtypes,
+    values equal to fp32 rounding of the fp16 output."""
+    pool = tiny_pools[arch]
+    recipe = Recipe.average(pool.models)
+    cpu, gpu = CollectSink(), CollectSink()
+    merge(recipe, cpu, device="cpu")
+    merge(recipe, gpu, device="cuda")
+    assert cpu.tensors.keys() == gpu.tensors.keys()
+    for k, t in cpu.tensors.items():
+        assert gpu.tensors[k].dtype == t.dtype, k
+        torch.testing.assert_close(gpu.tensors[k].float(), t.float(), rtol=1e-3, atol=1e-3, msg=k)

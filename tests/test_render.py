@@ -224,6 +224,7 @@ def test_missing_weights_and_bad_files_are_one_line_errors(tmp_path):
         build_pipeline(pruned, device="cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_sdxl_vae_decodes_finite(tiny_pools):
     pipe = build_pipeline(tiny_pools["sdxl"].base, device="cuda")

@@ -1,0 +1,62 @@
+"""experiments/gpu_check.py (``make gpu-check``) on a CPU machine: the plan it would run is valid (every stage's
+script exists and accepts the flags the plan passes), the disk plan adds up, and without CUDA it says so in one line
+and exits 0. The measurements themselves need a lent GPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "gpu_check.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_dry_run_plans_every_stage_with_valid_commands(tmp_path):
+    out = tmp_path / "plan.json"
+    r = _run("--dry-run", "--workdir", str(tmp_path / "work"), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["dry_run"] and doc["cuda"] == torch.cuda.is_available()
+    stages = doc["stages"]
+    assert list(stages) == ["cuda_tests", "pool_sd1", "merge_sd1", "swap_sd1", "pool_sdxl", "sdxl_fp16", "trial_sd1",
+                            "merge_sdxl", "trial_sdxl"]
+    assert sum(s["timeout_s"] for s in stages.values()) >= doc["budget_s"]  # the budget, not the time-outs, bounds the run
+    # pools (4 x SD1 + 4 x SDXL) plus the largest merge's two outputs
+    assert doc["disk_needed_gb"] == pytest.approx(4 * 2.13 + 4 * 6.94 + 2 * 6.94, abs=0.1)
+    assert f"{doc['disk_needed_gb']:.1f} GB needed" in r.stdout
+    helps: dict[str, str] = {}
+    for name, st in stages.items():
+        cmd = st["cmd"]
+        scripts = [c for c in cmd if c.endswith(".py") and "/experiments/" in c]
+        for s in scripts:  # every flag the plan passes is one the benchmark script accepts
+            assert Path(s).exists(), s
+            if s not in helps:
+                h = subprocess.run([sys.executable, s, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                assert h.returncode == 0, h.stderr
+                helps[s] = h.stdout
+            for flag in (c for c in cmd if c.startswith("--")):
+                assert re.search(rf"{re.escape(flag)}\b", helps[s]), (name, flag)
+    assert stages["cuda_tests"]["cmd"][-5:-2] == ["-m", "gpu", "-p"]
+
+
+def test_unknown_stage_is_one_line():
+    r = _run("--dry-run", "--only", "merge_sd1,nope")
+    assert r.returncode == 2 and "unknown stage 'nope'" in r.stdout and len(r.stdout.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-machine path")
+def test_without_cuda_one_line_and_exit_zero(tmp_path):
+    out = tmp_path / "g.json"
+    r = _run("--json", str(out), "--workdir", str(tmp_path / "w"))
+    assert r.returncode == 0 and r.stdout.strip().count("\n") == 0 and "CUDA is not available" in r.stdout
+    assert not out.exists() and not (tmp_path / "w").exists()  # nothing measured, nothing written
