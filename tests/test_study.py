@@ -47,6 +47,7 @@ def test_full_study_with_warm_starts_and_attrs(pool_dir, tmp_path):
     assert len(trials) == 12 and all(t.state == TrialState.COMPLETE for t in trials)
     assert res.best_number == study.best_trial.number and res.evaluations + sum("cached_from" in t.user_attrs for t in trials) == 12
     # warm starts first: uniform average, then the base alone
+    assert study.metric_names == ["objective"]  # the dashboard's label, not "Objective 0"
     assert trials[0].user_attrs["warm_start"] and set(v for k, v in trials[0].params.items() if k.startswith("inc.")) == {1}
     base_members = json.loads(trials[1].user_attrs["recipe"])["components"]["unet"]["members"]
     assert [m["model"] for m in base_members] == ["base"]
@@ -77,6 +78,7 @@ def test_multi_objective_disables_pruning(pool_dir, tmp_path):
                              pruner={"name": "median"}))
     study = load(tmp_path)
     assert len(study.directions) == 2 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.metric_names == ["match", "alpha"]
     assert all(not t.intermediate_values for t in study.trials) and len(res.best_values) == 2
 
 

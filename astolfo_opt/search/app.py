@@ -121,7 +121,7 @@ def run_search(cfg: Any) -> SearchResult:
         sampler = make_sampler(sampler_cfg, seed, multi=multi, constraints=space.min_models > 1)
         pruner_cfg = section(cfg, "pruner", {}) or {}
         pruner = make_pruner(pruner_cfg, multi=multi)
-        study = open_study(study_name, storage, evaluator.directions, sampler, pruner)
+        study = open_study(study_name, storage, evaluator.directions, sampler, pruner, metric_names=evaluator.names)
         prev = study.user_attrs.get("space_params")
         if prev is not None and list(prev) != space.names:
             raise ConfigError(f"study {study_name!r} was created with another search space ({len(prev)} params, now "

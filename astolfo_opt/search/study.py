@@ -216,8 +216,11 @@ def make_pruner(cfg: Mapping[str, Any], *, multi: bool):
 
 
 # ------------------------------------------------------------------------------------------------ study
-def open_study(name: str, storage: Any, directions: list[str], sampler=None, pruner=None) -> optuna.Study:
-    """Create or join a study (``load_if_exists``); refuse a study whose directions differ."""
+def open_study(name: str, storage: Any, directions: list[str], sampler=None, pruner=None,
+               metric_names: list[str] | None = None) -> optuna.Study:
+    """Create or join a study (``load_if_exists``); refuse a study whose directions differ. ``metric_names`` (the
+    objective's names, aligned with ``directions``) label the values in optuna-dashboard, which otherwise shows
+    "Objective 0"; they are written when missing or different."""
     try:
         study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler, pruner=pruner,
                                     load_if_exists=True)
@@ -226,6 +229,12 @@ def open_study(name: str, storage: Any, directions: list[str], sampler=None, pru
     have = [d.name.lower() for d in study.directions]
     if have != [d.lower() for d in directions]:
         raise ConfigError(f"study {name!r} exists with directions {have}, this config wants {directions}; use another study_name")
+    if metric_names is not None and study.metric_names != list(metric_names):
+        if len(metric_names) != len(directions):
+            raise ConfigError(f"study {name!r}: {len(metric_names)} objective names for {len(directions)} directions")
+        with warnings.catch_warnings():  # set_metric_names is marked experimental by Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(metric_names))
     return study
 
 
