@@ -27,11 +27,12 @@ from astolfo_opt.checkpoint import hashing
 from astolfo_opt.checkpoint.cache import JsonCache, cache_dir
 from astolfo_opt.checkpoint.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TORCH_TO_ST, CheckpointReader, open_checkpoint
 from astolfo_opt.checkpoint.layout import MERGE_COMPONENTS, Layout, canonical_key, detect_architecture, detect_size, get_layout
+from astolfo_opt.checkpoint.prediction import MARKER_KEYS, effective_prediction, pool_prediction, prediction_of
 from astolfo_opt.checkpoint.spec import SIZES
 from astolfo_opt.errors import AstolfoError, CheckpointError
 
 #: bump when a report's fields or meaning change: cached reports of another version are recomputed
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: prediction type
 MODEL_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 #: finding severities: ``info`` (handled silently by the merge), ``warning`` (handled, but the user should know),
 #: ``error`` (the model cannot be used as it is)
@@ -46,7 +47,8 @@ class Finding:
 
     ``kind``: ``missing`` (required keys absent: pruned), ``optional_missing``, ``ema``, ``position_ids``,
     ``nonfinite`` (NaN / Inf), ``reshape`` (same values, other form: proj_in conv vs linear), ``shape`` (incompatible
-    shape: unusable), ``unknown`` (keys no layout knows: ignored).
+    shape: unusable), ``unknown`` (keys no layout knows: ignored), ``prediction`` (markers and ModelSpec disagree, a
+    malformed marker, an unknown ``modelspec.prediction_type``).
     """
 
     kind: str
@@ -88,8 +90,19 @@ class ModelReport:
     legacy_hash: str | None = None
     #: merge component -> content hash (scan only)
     component_hashes: dict[str, str] = field(default_factory=dict)
+    #: what the file states about its prediction type (markers, ModelSpec): "epsilon" | "v_prediction" | None
+    prediction_type: str | None = None
+    #: where that came from, zero-terminal-SNR marker, marker keys present (see checkpoint.prediction)
+    prediction: dict[str, Any] = field(default_factory=dict)
+    #: the file's ``modelspec.*`` metadata, untouched (unknown keys and values included)
+    modelspec: dict[str, str] = field(default_factory=dict)
     #: served from the cache rather than read now
     cached: bool = False
+
+    @property
+    def effective_prediction(self) -> str | None:
+        """What the file is used as: its stated type, else its architecture's default (None for SD2)."""
+        return effective_prediction(self.arch, self.prediction_type)
 
     @property
     def errors(self) -> list[Finding]:
@@ -141,6 +154,8 @@ class PoolReport:
     errors: dict[str, str] = field(default_factory=dict)
     #: problems of the pool as a whole (mixed architectures / sizes)
     pool_errors: list[str] = field(default_factory=list)
+    #: the one line merge / search / export refuse a pool mixing v-prediction and epsilon models with (None: not mixed)
+    prediction_mix: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -166,7 +181,8 @@ class PoolReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"arch": self.arch, "size": self.size, "models": [m.to_json() for m in self.models],
-                "identical_groups": self.identical_groups, "errors": self.errors, "pool_errors": self.pool_errors}
+                "identical_groups": self.identical_groups, "errors": self.errors, "pool_errors": self.pool_errors,
+                "prediction_mix": self.prediction_mix}
 
 
 # ------------------------------------------------------------------------------------------------ pool inputs
@@ -285,6 +301,8 @@ def _structure(reader: CheckpointReader, path: Path) -> tuple[str, str, Layout, 
         if want is None:
             unknown.append(c)
             continue
+        if c in MARKER_KEYS:
+            continue  # content-free markers: their form is checked by checkpoint.prediction (a warning, not unusable)
         if comp in MERGE_COMPONENTS:
             comp_keys[comp] += 1
             if not c.endswith("position_ids"):
@@ -340,6 +358,8 @@ def _structure(reader: CheckpointReader, path: Path) -> tuple[str, str, Layout, 
 def _all_finite(t: torch.Tensor) -> bool:
     """NaN / Inf check at ~10x the speed of ``isfinite(t).all()`` on CPU: min and max propagate NaN, and an Inf is
     the min or the max. Only a tensor that fails is counted exactly (``isfinite``)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # torch has no float8 reductions: fp8 widens exactly to fp16
+        t = t.to(torch.float16)
     mn, mx = torch.aminmax(t.reshape(-1))
     return bool(torch.isfinite(mn)) and bool(torch.isfinite(mx))
 
@@ -409,7 +429,15 @@ def inspect_model(path: str | Path, *, scan: bool = True, cache: bool | str | Pa
             path=str(path), name=name or path.stem, arch=arch, size=size, format=reader.format, file_size=reader.file_size,
             dtypes=dict(dtypes), component_dtypes=extra["comp_dtypes"], component_keys=extra["comp_keys"],
             missing=extra["missing"], findings=findings, metadata_keys=sorted(reader.metadata)[:50],
+            modelspec={k: v for k, v in sorted(reader.metadata.items()) if k.startswith("modelspec.") and k != "modelspec.thumbnail"},
         )
+        pred = prediction_of(reader)
+        rep.prediction_type = pred.type
+        rep.prediction = {"source": pred.source, "ztsnr": pred.ztsnr, "markers": list(pred.markers)}
+        for problem in pred.problems:
+            rep.findings.append(Finding("prediction", "marker" if pred.markers else None, None, problem,
+                                        "check which prediction type the model was trained for; render.variant / --variant overrides",
+                                        "warning"))
         rep.legacy_hash = hashing.legacy_model_hash(path) if rep.file_size > hashing.LEGACY_OFFSET else None
         if scan:
             bg = hashing.BackgroundFileHash(path)
@@ -491,5 +519,10 @@ def inspect_pool(paths: Iterable[str | Path], *, scan: bool = True, cache: bool 
     if len(sizes) > 1 and arch is not None:
         by = "; ".join(f"{s}: {', '.join(m.name for m in models if m.size == s)}" for s in sizes)
         pool_errors.append(f"pool mixes model sizes ({by}): use models of one size")
+    mix = None
+    try:
+        pool_prediction({m.name: m.effective_prediction for m in models})
+    except AstolfoError as e:
+        mix = str(e)
     return PoolReport(models=models, arch=arch, size=size, identical_groups=_identical_groups(models), errors=errors,
-                      pool_errors=pool_errors)
+                      pool_errors=pool_errors, prediction_mix=mix)

@@ -58,7 +58,7 @@ def print_report(report: PoolReport, console: Any) -> None:
 
     comps = [c for c in ("unet", "te0", "te1", "vae") if any(c in m.component_keys or c in m.missing for m in report.models)]
     table = Table(title="pool" + (f" ({report.arch}, {report.size})" if report.arch else ""), show_lines=False)
-    for col in ("model", "arch", "size", "dtype", "file", "hash"):
+    for col in ("model", "arch", "size", "dtype", "pred", "file", "hash"):
         table.add_column(col, no_wrap=True)
     for c in comps:
         table.add_column(c, no_wrap=True)
@@ -71,10 +71,12 @@ def print_report(report: PoolReport, console: Any) -> None:
             else:
                 h = m.component_hashes.get(c)
                 cells.append((h[:8] if h else "-") + ("*" if c in m.missing else ""))
-        table.add_row(_safe(m.name), m.arch, m.size, m.dtype, _human(m.file_size), m.short_hash or "-", *cells, _health(m))
+        table.add_row(_safe(m.name), m.arch, m.size, m.dtype, _prediction_cell(m), _human(m.file_size), m.short_hash or "-", *cells,
+                      _health(m))
     if report.models:
         console.print(table)
-        console.print("[dim]hash = A1111 short hash (sha256[:10]); component columns = content hash, * = partial[/dim]")
+        console.print("[dim]pred = prediction type (eps / v; +ztsnr; ? = the file does not say, default in brackets); "
+                      "hash = A1111 short hash (sha256[:10]); component columns = content hash, * = partial[/dim]")
     for m in report.models:
         shown = [f for f in m.findings if f.severity != "info" or f.kind in ("ema", "reshape", "unknown", "optional_missing")]
         for f in shown[:20]:
@@ -84,6 +86,17 @@ def print_report(report: PoolReport, console: Any) -> None:
             console.print(f"{_safe(m.name)}: ... {len(shown) - 20} more findings (see --json)")
     for line in report.identical_lines():
         console.print(f"[cyan]{_safe(line)}[/cyan] (averaging copies over-weights them)")
+    if report.prediction_mix:
+        console.print(f"[red]{_safe(report.prediction_mix)}[/red]")
+
+
+def _prediction_cell(m: Any) -> str:
+    """``v+ztsnr``, ``eps``, or ``?(eps)`` when the file states nothing and the architecture's default applies."""
+    short = {"epsilon": "eps", "v_prediction": "v"}
+    if m.prediction_type is None:
+        eff = m.effective_prediction
+        return f"?({short[eff]})" if eff else "?"
+    return short[m.prediction_type] + ("+ztsnr" if (m.prediction or {}).get("ztsnr") else "")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,10 +14,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="with --average: model file that fills keys missing from pruned inputs")
     p.add_argument("--out", required=True, help="output .safetensors (written to a temp file, renamed when complete)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="output dtype (default fp16)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2"],
+                   help="output dtype (default fp16; fp8_* store F8_E4M3 / F8_E5M2, lossy)")
     p.add_argument("--accumulate", default="fp32", choices=["fp32", "fp64"], help="accumulation dtype (default fp32)")
     p.add_argument("--nan-policy", choices=["error", "drop_model"], help="override the recipe's NaN policy")
     p.add_argument("--threads", type=int, default=None, help="merge worker threads (default: min(4, cores))")
+    p.add_argument("--allow-mixed-prediction", action="store_true",
+                   help="merge a pool that mixes v-prediction and epsilon models anyway (refused by default: the result is broken)")
+    p.add_argument("--title", help="modelspec.title of the output (default: astolfo-opt merge <recipe hash>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -43,10 +47,14 @@ def run(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.recipe)
     if args.nan_policy:
         recipe.nan_policy = args.nan_policy
+    if args.allow_mixed_prediction:
+        recipe.allow_mixed_prediction = True
     for name, p in recipe.models.items():
         if Path(p).resolve() == out.resolve():
             raise ConfigError(f"--out {out} is also input model {name}: choose another output path")
-    stats = merge(recipe, SafetensorsSink(out, merge_metadata(recipe)), device=args.device, out_dtype=args.dtype,
+    recipe.validate()  # a bad recipe is named before any file is opened for its metadata
+    sink = SafetensorsSink(out, merge_metadata(recipe, title=args.title or out.stem))
+    stats = merge(recipe, sink, device=args.device, out_dtype=args.dtype,
                   accumulate_dtype=args.accumulate, threads=args.threads, progress=not args.no_progress)
     print(f"{out}: {stats.summary()}")
     return 0

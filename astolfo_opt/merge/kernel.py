@@ -41,11 +41,15 @@ from astolfo_opt.checkpoint.layout import (
     detect_size,
     get_layout,
 )
+from astolfo_opt.checkpoint.prediction import MARKER_KEYS, Prediction, effective_prediction, pool_prediction, prediction_of
 from astolfo_opt.errors import CheckpointError, ConfigError, NonFiniteError
 from astolfo_opt.merge.recipe import ComponentRecipe, Recipe
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
+          "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+#: stored dtypes torch cannot add into a wider accumulator (no type promotion for float8): upcast when read
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,10 @@ class ModelSet:
                 self.close()
                 raise CheckpointError(self.paths[name], f"is {a}, the merge is {self.arch}")
 
+    def prediction(self, model: str) -> Prediction:
+        """What ``model``'s file states about its prediction type (headers only)."""
+        return prediction_of(self.readers[model])
+
     def serves(self, models: dict[str, str]) -> bool:
         """True when no name of ``models`` is open with another file (then :meth:`extend` can reuse this set)."""
         return all(n not in self.paths or self.paths[n] == Path(p) for n, p in models.items())
@@ -202,9 +210,9 @@ def plan_output(recipe: Recipe, models: ModelSet, layout: Layout, out_dtype: tor
         if comp == "ema":
             continue  # EMA copies are dropped: the merge is of the live weights
         if comp in PASSTHROUGH_COMPONENTS:
-            if wanted is not None or recipe.base is None or not models.has(recipe.base, key):
-                continue
-            plan.append(PlannedTensor(key, comp, models.info(recipe.base, key).dtype, e.shape))
+            src = None if wanted is not None else passthrough_source(recipe, models, key)
+            if src is not None:
+                plan.append(PlannedTensor(key, comp, models.info(src, key).dtype, e.shape))
             continue
         if wanted is not None and comp not in wanted:
             continue
@@ -218,6 +226,38 @@ def plan_output(recipe: Recipe, models: ModelSet, layout: Layout, out_dtype: tor
             continue
         plan.append(PlannedTensor(key, comp, out_dtype, e.shape))
     return plan
+
+
+def passthrough_source(recipe: Recipe, models: ModelSet, key: str) -> str | None:
+    """The model whose ``key`` is copied unchanged (schedule buffers, markers): the base. A prediction marker
+    (``v_pred`` / ``ztsnr``) also comes from any model that has it when the base does not (``merge --average`` of
+    v-pred files has no base): dropping it would turn v-prediction weights into a file every tool samples as epsilon.
+    The pool check (:func:`check_prediction`) has already refused a pool where only some models carry it."""
+    if recipe.base is not None and models.has(recipe.base, key):
+        return recipe.base
+    if key in MARKER_KEYS:
+        return next((m for m in recipe.models if models.has(m, key)), None)
+    return None
+
+
+def check_prediction(recipe: Recipe, models: ModelSet, allow: str = "allow_mixed_prediction: true (recipe) or "
+                     "--allow-mixed-prediction") -> str | None:
+    """The recipe's one prediction type (v_prediction / epsilon / None: unknown); a pool that mixes them is a
+    one-line :class:`ConfigError` unless ``recipe.allow_mixed_prediction`` (then a warning)."""
+    types = {n: effective_prediction(models.arch, models.prediction(n).type) for n in recipe.models}
+    try:
+        return pool_prediction(types, allow)
+    except ConfigError as e:
+        if not recipe.allow_mixed_prediction:
+            raise
+        log.warning("%s (merging anyway: allow_mixed_prediction is set)", e)
+        return None
+
+
+def _upcast_fp8(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """fp8 tensors (F8_E4M3 / F8_E5M2 files) widened to the accumulation dtype on read: exact, and every later
+    operation (accumulate, finite checks, anchors) then sees an ordinary float tensor."""
+    return t.to(acc) if t.dtype in FP8_DTYPES else t
 
 
 def _sources(recipe: Recipe, comp: str) -> list[str]:
@@ -257,7 +297,7 @@ class KeyComputer:
         if not self.models.has(model, key):
             return None
         if self.device.type == "cuda":
-            return self._load_cuda(model, key)
+            return _upcast_fp8(self._load_cuda(model, key), self.acc_dtype)
         if mapped and self.models.mappable(model):
             t = self.models.view(model, key)
         elif transient:
@@ -276,7 +316,7 @@ class KeyComputer:
             t = t.reshape(want)  # 1x1 conv <-> Linear proj_in / proj_out, VAE attention forms
         if self.device.type != "cpu":
             t = t.to(self.device, non_blocking=True)
-        return t
+        return _upcast_fp8(t, self.acc_dtype)
 
     def _load_cuda(self, model: str, key: str) -> torch.Tensor:
         """Read into this thread's pinned staging buffer, then copy host-to-device without blocking the host."""
@@ -321,7 +361,12 @@ class KeyComputer:
             shape = e.shape if e else (1, 77)
             return torch.arange(shape[-1], dtype=torch.int64, device=self.device).reshape(shape)
         if comp in PASSTHROUGH_COMPONENTS:
-            return self.load(self.recipe.base, key) if self.recipe.base else None
+            src = passthrough_source(self.recipe, self.models, key)
+            if src is None:
+                return None
+            if key in MARKER_KEYS:  # content-free: the key's presence is the statement, whatever the source stored
+                return torch.zeros(e.shape if e else (0,), dtype=self.models.info(src, key).dtype, device=self.device)
+            return self.load(src, key)
         cr = self.recipe.components.get(comp)
         block = block_of(self.models.arch, key, self.recipe.time_embed_block)
         skip: frozenset[str] = frozenset()
@@ -584,6 +629,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     is, unless the sum itself overflows - then the exact elementwise check decides."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.dtype in FP8_DTYPES:  # no reductions for float8 in torch: check the exact fp16 widening (fp8 fits in fp16)
+        t = t.to(torch.float16)
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
@@ -725,6 +772,7 @@ def merge(recipe: Recipe, sink: MergeSink, *, device: str | torch.device = "auto
     ms = models or ModelSet(recipe.models, recipe.arch)
     try:
         layout = layout_for(ms)
+        check_prediction(recipe, ms)
         comps = list(components) if components is not None else None
         if comps is not None:
             bad = [c for c in comps if c not in MERGE_COMPONENTS]

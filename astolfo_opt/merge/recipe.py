@@ -94,6 +94,8 @@ class Recipe:
     arch: str | None = None
     nan_policy: str = "error"
     time_embed_block: str = "IN00"
+    #: merge a pool that mixes v-prediction and epsilon models anyway (refused by default: the result is broken)
+    allow_mixed_prediction: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -141,8 +143,11 @@ class Recipe:
             if c.block_weights:
                 d["block_weights"] = {m: {b: _num(v) for b, v in sorted(bw.items())} for m, bw in sorted(c.block_weights.items())}
             comps[name] = d
-        return {"models": dict(sorted(self.models.items())), "base": self.base, "arch": self.arch,
-                "nan_policy": self.nan_policy, "time_embed_block": self.time_embed_block, "components": comps}
+        out = {"models": dict(sorted(self.models.items())), "base": self.base, "arch": self.arch,
+               "nan_policy": self.nan_policy, "time_embed_block": self.time_embed_block, "components": comps}
+        if self.allow_mixed_prediction:  # only when set: every earlier recipe keeps its hash
+            out["allow_mixed_prediction"] = True
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
@@ -160,7 +165,8 @@ class Recipe:
                 if c.get("block_weights") else None,
             )
         return cls(models={str(k): str(v) for k, v in d["models"].items()}, components=comps, base=d.get("base"),
-                   arch=d.get("arch"), nan_policy=d.get("nan_policy", "error"), time_embed_block=d.get("time_embed_block", "IN00"))
+                   arch=d.get("arch"), nan_policy=d.get("nan_policy", "error"), time_embed_block=d.get("time_embed_block", "IN00"),
+                   allow_mixed_prediction=bool(d.get("allow_mixed_prediction", False)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -15,10 +15,61 @@ from astolfo_opt.checkpoint.writer import SafetensorsWriter, clean_stale_partial
 from astolfo_opt.merge.kernel import PlannedTensor
 from astolfo_opt.merge.recipe import Recipe
 
+#: ModelSpec keys of the base that a merge does not inherit: we set them, or they describe the base's own bytes
+MODELSPEC_NOT_INHERITED = ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+                           "modelspec.prediction_type", "modelspec.title", "modelspec.date", "modelspec.description",
+                           "modelspec.merged_from", "modelspec.hash_sha256", "modelspec.thumbnail", "modelspec.author")
+
+
+def modelspec_metadata(recipe: Recipe, title: str | None = None) -> dict[str, str]:
+    """Stability's ModelSpec keys for a merge: architecture (and SD2's variant), implementation, prediction type
+    (``epsilon`` / ``v``), title, date, the merged models and our recipe hash; other ``modelspec.*`` keys of the base
+    (or first model) are passed through untouched (resolution, usage hints, unknown keys). Headers only.
+
+    The date is now (UTC), or ``SOURCE_DATE_EPOCH`` when set, so a reproducible build can pin it."""
+    import datetime
+    import os
+
+    from astolfo_opt.checkpoint.io import open_checkpoint
+    from astolfo_opt.checkpoint.layout import detect_architecture
+    from astolfo_opt.checkpoint.prediction import EPSILON, MODELSPEC_ARCH, effective_prediction, pool_prediction, prediction_of
+    from astolfo_opt.errors import AstolfoError
+
+    arch, types, inherited = None, {}, {}
+    source = recipe.base or next(iter(recipe.models))
+    for name, path in recipe.models.items():
+        with open_checkpoint(path) as r:
+            a = detect_architecture(r.keys())
+            arch = arch or a
+            types[name] = effective_prediction(a, prediction_of(r).type)
+            if name == source:
+                inherited = {k: v for k, v in r.metadata.items() if k.startswith("modelspec.") and k not in MODELSPEC_NOT_INHERITED}
+    try:
+        pred = pool_prediction(types)
+    except AstolfoError:  # a mixed pool merged on purpose: say nothing rather than something wrong
+        pred = None
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch and epoch.isdigit() else datetime.datetime.now(datetime.UTC)
+    out = {"modelspec.sai_model_spec": "1.0.0", **inherited}
+    arch_id = MODELSPEC_ARCH.get(arch) or MODELSPEC_ARCH.get((arch, pred))
+    if arch_id:
+        out["modelspec.architecture"] = arch_id
+    if arch:
+        out["modelspec.implementation"] = "sgm" if arch == "sdxl" else "ldm"
+    if pred:
+        out["modelspec.prediction_type"] = "epsilon" if pred == EPSILON else "v"
+    out["modelspec.title"] = title or f"astolfo-opt merge {recipe.hash()[:10]}"
+    out["modelspec.date"] = when.isoformat(timespec="seconds")
+    involved = dict.fromkeys(m for c in recipe.components.values() for m in c.involved())
+    out["modelspec.merged_from"] = ", ".join(involved or recipe.models)
+    out["modelspec.description"] = f"merged by astolfo-opt; recipe sha256 {recipe.hash()}"
+    return out
+
 
 def merge_metadata(recipe: Recipe, extra: Mapping[str, object] | None = None,
-                   hashes: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Provenance stored in an exported checkpoint: our recipe, A1111's merge fields, tool version, caller extras.
+                   hashes: Mapping[str, str] | None = None, title: str | None = None) -> dict[str, str]:
+    """Provenance stored in an exported checkpoint: our recipe, A1111's merge fields, ModelSpec keys
+    (:func:`modelspec_metadata`, ``title`` among them), tool version, caller extras.
 
     ``sd_merge_models`` is keyed like A1111's: by the model's sha256 when the caller knows it (``hashes[name]``,
     e.g. from ``inspect_model``), else by A1111's cheap legacy 8-hex hash (64 KiB of the file): hashing every input
@@ -38,6 +89,7 @@ def merge_metadata(recipe: Recipe, extra: Mapping[str, object] | None = None,
         "sd_merge_models": json.dumps(models, sort_keys=True),
         "astolfo_opt_version": __version__,
         "format": "pt",
+        **modelspec_metadata(recipe, title),
     }
     for k, v in (extra or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)

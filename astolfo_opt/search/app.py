@@ -130,10 +130,11 @@ def run_search(cfg: Any) -> SearchResult:
             study.set_user_attr("space_params", space.names)
             study.set_user_attr("space", section(cfg, "space", {}) or {})
             study.set_user_attr("pool", {"models": pool.paths, "base": pool.base, "arch": pool.arch, "size": pool.size,
-                                         "excluded": pool.excluded})
+                                         "excluded": pool.excluded, "prediction": pool.prediction})
             study.set_user_attr("objective", {"names": evaluator.names, "directions": evaluator.directions,
                                               "scorers": evaluator.scorer_names, "prompt_set_hash": evaluator.prompt_set_hash,
-                                              "evaluator": ev_cfg.get("kind", "pipeline")})
+                                              "evaluator": ev_cfg.get("kind", "pipeline"),
+                                              "render_variant": getattr(evaluator, "variant", None)})
         artifacts = None
         if bool(section(cfg, "artifacts", True)):
             from astolfo_opt.search.artifacts import ArtifactWriter

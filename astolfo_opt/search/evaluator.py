@@ -388,7 +388,8 @@ class PipelineEvaluator(Evaluator):
         self.heldout = list(load_prompt_set(_resolve_prompt_set(hps)).prompts) if hps else []
         if self.heldout and rc.get("heldout_n_prompts"):
             self.heldout = self.heldout[: int(rc["heldout_n_prompts"])]
-        fields = {k: rc[k] for k in ("width", "height", "steps", "guidance_scale", "scheduler", "clip_skip", "batch_size") if k in rc}
+        fields = {k: rc[k] for k in ("width", "height", "steps", "guidance_scale", "guidance_rescale", "scheduler", "clip_skip",
+                                                "batch_size") if k in rc}
         self.settings = RenderSettings(**fields)
         bs = max(int(getattr(self.settings, "batch_size", 1) or 1), 1)
         self.n_steps = math.ceil(len(self.prompts) / bs)
@@ -400,11 +401,13 @@ class PipelineEvaluator(Evaluator):
                                    dtype=(None if dtype in (None, "auto") else {"fp32": torch.float32, "fp16": torch.float16,
                                                                                   "bf16": torch.bfloat16}[dtype]))
         self.build_seconds = time.perf_counter() - t0
+        #: the render variant the base file picked (or pool.variant): sdxl-v for a v-prediction SDXL pool
+        self.variant = self.pipe.variant
         self.merger = make_merger(device, dt)
         self.hasher = HashingSink(pool.arch) if hash_tensors else None
 
     def describe(self) -> str:
-        return (f"pipeline: {len(self.prompts)} prompts ({self.prompt_set_name}) in {self.n_steps} batches; "
+        return (f"pipeline ({self.variant}): {len(self.prompts)} prompts ({self.prompt_set_name}) in {self.n_steps} batches; "
                 f"objective {self.names} {self.directions}")
 
     def evaluate(self, candidate: Candidate, ctx: TrialContext) -> Iterator[BatchResult]:

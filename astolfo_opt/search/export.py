@@ -118,7 +118,8 @@ def export_trial(storage: Any, study_name: str, out: str | Path, *, trial: str |
     # kill) never replaces an earlier export at that name.
     staging = partial_path(out)
     try:
-        merge(recipe, TeeSink(SafetensorsSink(staging, merge_metadata(recipe, meta)), hasher), device=device, out_dtype=dtype)
+        sink = SafetensorsSink(staging, merge_metadata(recipe, meta, title=f"{study_name} trial {t.number}"))
+        merge(recipe, TeeSink(sink, hasher), device=device, out_dtype=dtype)
         recorded = t.user_attrs.get("component_hashes") or {}
         prints = t.user_attrs.get("fingerprints") or {}
         verified: str | None = None

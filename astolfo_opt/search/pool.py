@@ -10,6 +10,7 @@ it. ``astolfo_opt.checkpoint.inspect`` computes these facts; this module only ca
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from astolfo_opt.checkpoint.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from astolfo_opt.checkpoint.prediction import pool_prediction
 from astolfo_opt.checkpoint.writer import atomic_write_text
 from astolfo_opt.errors import ConfigError, MissingFileError
+
+log = logging.getLogger(__name__)
 
 MODEL_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
@@ -34,10 +38,12 @@ class ModelFacts:
     component_hashes: dict[str, str]
     #: component -> keys holding NaN / Inf
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
+    #: what the model is used as: stated by markers / ModelSpec, else the architecture's default (None: SD2 unstated)
+    prediction_type: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, "arch": self.arch, "size": self.size,
-                "component_hashes": self.component_hashes, "nonfinite": self.nonfinite}
+                "component_hashes": self.component_hashes, "nonfinite": self.nonfinite, "prediction_type": self.prediction_type}
 
 
 @dataclass
@@ -50,6 +56,9 @@ class Pool:
     size: str | None
     variant: str | None = None
     excluded: dict[str, str] = field(default_factory=dict)
+    #: the pool's one prediction type (None: unknown, or a mix allowed by pool.allow_mixed_prediction)
+    prediction: str | None = None
+    allow_mixed_prediction: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -84,12 +93,13 @@ def scan_model(path: Path) -> ModelFacts:
     rep = inspect_model(path, scan=True, cache=False)  # the pool keeps its own (path, size, mtime) cache
     rep.raise_for_errors()
     size = rep.size if rep.size in ("full", "tiny") else None
-    return ModelFacts(rep.name, str(Path(rep.path).resolve()), rep.arch, size, dict(rep.component_hashes), rep.nonfinite_keys())
+    return ModelFacts(rep.name, str(Path(rep.path).resolve()), rep.arch, size, dict(rep.component_hashes), rep.nonfinite_keys(),
+                      rep.effective_prediction)
 
 
 def _cache_key(path: Path) -> str:
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"v2|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"  # v2: facts carry the prediction type
 
 
 def load_facts(paths: Sequence[Path], cache_file: Path | None = None) -> list[ModelFacts]:
@@ -194,5 +204,14 @@ def resolve_pool(cfg: Mapping[str, Any], cache_file: Path | None = None) -> Pool
                 comp, keys = next(iter(f.nonfinite.items()))
                 raise ConfigError(f"{f.name}: {comp} tensor {keys[0]} holds NaN/Inf; exclude it with pool.exclude=[{f.name}] "
                                   "or set pool.nan_policy=drop_model")
+    allow_mixed = bool(cfg.get("allow_mixed_prediction", False))
+    try:
+        prediction = pool_prediction({f.name: f.prediction_type for f in facts}, "pool.allow_mixed_prediction=true")
+    except ConfigError as e:
+        if not allow_mixed:
+            raise
+        log.warning("%s (searching anyway: pool.allow_mixed_prediction=true)", e)
+        prediction = None
     order = sorted(facts, key=lambda f: (f.name != base_name,))  # base first, then file order
-    return Pool(order, base_name, arch, sizes.pop() if len(sizes) == 1 else None, cfg.get("variant"), excluded)
+    return Pool(order, base_name, arch, sizes.pop() if len(sizes) == 1 else None, cfg.get("variant"), excluded,
+                prediction, allow_mixed)

@@ -290,6 +290,8 @@ class SearchSpace:
         spec = {"models": {n: paths[n] for n in self.pool.names if n in spec_models}, "base": fill,
                 "arch": self.pool.arch, "components": comps, "nan_policy": self.nan_policy,
                 "time_embed_block": self.time_embed_block}
+        if self.pool.allow_mixed_prediction:  # so export's merge accepts what the study was told to accept
+            spec["allow_mixed_prediction"] = True
         return Candidate(params, spec, violation, repaired)
 
     @property

@@ -22,7 +22,10 @@ from astolfo_opt.checkpoint.io import open_checkpoint
 from astolfo_opt.checkpoint.layout import component_of
 from astolfo_opt.checkpoint.writer import SafetensorsWriter, atomic_write_bytes
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8_e4m3": torch.float8_e4m3fn,
+          "fp8_e5m2": torch.float8_e5m2}
+#: prediction marker forms: ``empty`` (what v-pred SDXL files carry: an empty tensor), and two hostile ones
+MARKER_FORMS = {"empty": (torch.int64, (0,)), "data": (torch.int64, (3,)), "bool": (torch.bool, (0,))}
 
 
 def _seed(*parts: object) -> int:
@@ -96,6 +99,9 @@ class ModelSpec:
     #: key -> multiplier applied to that model's delta (e.g. 10.0 for a far-off outlier)
     spread_scale: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    #: prediction marker key (``v_pred`` / ``ztsnr``) -> form (:data:`MARKER_FORMS`); e.g. a NoobAI v-pred file:
+    #: ``{"v_pred": "empty", "ztsnr": "empty"}``. ModelSpec statements go in ``metadata`` (``modelspec.*``)
+    markers: dict[str, str] = field(default_factory=dict)
 
 
 def _component_seed(s: ModelSpec, comp: str) -> int:
@@ -123,6 +129,7 @@ def plan(s: ModelSpec) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         out += [("model_ema.decay", torch.float32, ()), ("model_ema.num_updates", torch.int32, ())]
     if s.schedule:
         out += [(k, torch.float32, (1000,)) for k in spec.SCHEDULE_KEYS]
+    out += [(k, *MARKER_FORMS[form]) for k, form in s.markers.items()]
     return out
 
 
@@ -145,6 +152,9 @@ def _value(s: ModelSpec, key: str, shape: tuple[int, ...], sources: Mapping[str,
         return base_value(unet_key, shape, s.base_seed) * 0.999
     if key in spec.SCHEDULE_KEYS:
         return ddpm_schedule()[key]
+    if key in s.markers:
+        dtype, mshape = MARKER_FORMS[s.markers[key]]
+        return torch.arange(math.prod(mshape)).reshape(mshape).to(dtype)
     comp = component_of(s.arch, key) or "other"
     if comp in sources:
         return sources[comp].get(key).clone()  # type: ignore[attr-defined]
