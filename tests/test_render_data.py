@@ -50,8 +50,9 @@ def test_config_values_full_and_tiny():
     assert text_config("sd2", "full", "te0")["num_hidden_layers"] == 23 and text_config("sd2", "tiny", "te0")["num_hidden_layers"] == 23
     assert text_config("sd1", "tiny", "te0")["hidden_size"] == 32 and text_config("sdxl", "tiny", "te1")["hidden_size"] == 64
     sched = {v: json.loads((CONFIG_ROOT / v / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
-             for v in ("sd2-v", "sd2-eps", "sd1", "sdxl")}
-    assert sched == {"sd2-v": "v_prediction", "sd2-eps": "epsilon", "sd1": "epsilon", "sdxl": "epsilon"}
+             for v in ("sd2-v", "sd2-eps", "sd1", "sdxl", "sdxl-v", "sdxl-v-tiny")}
+    assert sched == {"sd2-v": "v_prediction", "sd2-eps": "epsilon", "sd1": "epsilon", "sdxl": "epsilon", "sdxl-v": "v_prediction",
+                     "sdxl-v-tiny": "v_prediction"}
     pads = {(v, t): json.loads((CONFIG_ROOT / v / t / "special_tokens_map.json").read_text())["pad_token"]
             for v, t in (("sd1", "tokenizer"), ("sd2-v", "tokenizer"), ("sdxl", "tokenizer"), ("sdxl", "tokenizer_2"))}
     assert pads == {("sd1", "tokenizer"): "<|endoftext|>", ("sd2-v", "tokenizer"): "!", ("sdxl", "tokenizer"): "<|endoftext|>",

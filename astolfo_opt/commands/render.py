@@ -15,7 +15,7 @@ from pathlib import Path
 from astolfo_opt.errors import ConfigError
 
 #: width = height per render variant when --size is not given (tiny test models: 64)
-DEFAULT_SIZE = {"sd1": 512, "sd2-v": 768, "sd2-eps": 512, "sdxl": 1024}
+DEFAULT_SIZE = {"sd1": 512, "sd2-v": 768, "sd2-eps": 512, "sdxl": 1024, "sdxl-v": 1024}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,8 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; tiny models 2)")
     p.add_argument("--size", default=None, help="WxH, e.g. 512x768 (default by variant: 512 / 768 sd2-v / 1024 sdxl; tiny 64)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--variant", default=None, help="sd1 | sd2-v | sd2-eps | sdxl (SD2 must be given; others are detected)")
+    p.add_argument("--variant", default=None, help="sd1 | sd2-v | sd2-eps | sdxl | sdxl-v (default: from the file's v_pred marker / "
+                                                   "ModelSpec; SD2 stating neither must be given)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.0; tiny 5.0)")
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="diffusers guidance_rescale, 0..1 (default: 0.7 for zero-terminal-SNR sdxl-v, else 0)")
     p.add_argument("--scheduler", default="euler", help="euler | euler_a | ddim | dpm++2m | dpm++2m_karras | unipc | pndm")
     p.add_argument("--clip-skip", type=int, default=None, help="diffusers clip_skip (1 = A1111 'clip skip 2')")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         width = height = 64 if tiny else DEFAULT_SIZE[pipe.variant]
     settings = RenderSettings(width=width, height=height, steps=args.steps or (2 if tiny else 20),
                               guidance_scale=args.guidance if args.guidance is not None else (5.0 if tiny else 7.0),
-                              scheduler=args.scheduler, clip_skip=args.clip_skip, batch_size=args.batch_size)
+                              scheduler=args.scheduler, clip_skip=args.clip_skip, batch_size=args.batch_size,
+                              guidance_rescale=args.guidance_rescale)
     out.mkdir(parents=True, exist_ok=True)
     images, labels, files = [], [], []
     t1 = time.perf_counter()
@@ -86,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     atomic_write_bytes(out / "grid.png", buf.getvalue())
-    meta = {"checkpoint": str(args.checkpoint), "variant": pipe.variant, "size": pipe.size, "device": str(pipe.device),
+    # variant / prediction_type: what was rendered (picked from the file unless --variant); prediction: what the file states
+    source = "file" if args.variant in (None, "", "auto") else "--variant"
+    meta = {"checkpoint": str(args.checkpoint), "variant": pipe.variant, "variant_source": source,
+            "prediction_type": pipe.prediction_type, "ztsnr": pipe.ztsnr, "guidance_rescale": pipe.guidance_rescale(settings),
+            "prediction": pipe.prediction.to_json() if pipe.prediction else None, "size": pipe.size, "device": str(pipe.device),
             "dtype": str(pipe.dtype).replace("torch.", ""), "prompt_set": prompt_set.name, "prompt_set_hash": prompt_set.hash,
             "settings": settings.__dict__, "files": files, "seconds": {"build": round(t_build, 3), "render": round(t_render, 3)}}
     atomic_write_text(out / "render.json", json.dumps(meta, indent=2) + "\n")

@@ -27,6 +27,15 @@ VARIANTS: dict[str, tuple[str, str, int]] = {
     "sd2-v": ("sd2", "v_prediction", 96),
     "sd2-eps": ("sd2", "epsilon", 64),
     "sdxl": ("sdxl", "epsilon", 128),
+    # NoobAI-XL / Illustrious v-prediction derivatives: SDXL base weights' shapes, v target, zero-terminal-SNR training
+    "sdxl-v": ("sdxl", "v_prediction", 128),
+}
+#: variant -> scheduler settings beyond the SD training schedule. A zero-terminal-SNR v model must be sampled with the
+#: rescaled betas it was trained on and from the last training timestep ("trailing"), as diffusers recommends for
+#: such models (``EulerDiscreteScheduler`` docs; "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+#: arXiv 2305.08891, sec. 3.3): with "leading" spacing 20 steps start at t=951, never at pure noise.
+SCHEDULER_EXTRA: dict[str, dict[str, Any]] = {
+    "sdxl-v": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
 }
 CONFIG_ROOT = Path(__file__).with_name("configs")
 
@@ -88,13 +97,14 @@ def text_config(arch: str, size: str, te: str) -> dict[str, Any]:
     }
 
 
-def scheduler_config(prediction_type: str) -> dict[str, Any]:
-    # the SD training schedule; other schedulers are built from this one with from_config (settings.scheduler)
+def scheduler_config(prediction_type: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # the SD training schedule; other schedulers are built from this one with from_config (settings.scheduler), so
+    # ``extra`` (SCHEDULER_EXTRA: zero terminal SNR, trailing spacing) reaches them too
     return {
         "_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": 1000,
         "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": prediction_type,
         "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
-        "clip_sample": False, "set_alpha_to_one": False, "trained_betas": None,
+        "clip_sample": False, "set_alpha_to_one": False, "trained_betas": None, **(extra or {}),
     }
 
 
@@ -120,7 +130,7 @@ def config_files(variant: str, size: str) -> dict[str, str]:
 
     files = {"model_index.json": js(model_index(arch)), "unet/config.json": js(unet_config(arch, size, sample)),
              "vae/config.json": js(vae_config(arch, size, sample)), "text_encoder/config.json": js(text_config(arch, size, "te0")),
-             "scheduler/scheduler_config.json": js(scheduler_config(prediction))}
+             "scheduler/scheduler_config.json": js(scheduler_config(prediction, SCHEDULER_EXTRA.get(variant)))}
     for name, text in tokenizer_json("bang" if arch == "sd2" else "eos").items():
         files[f"tokenizer/{name}"] = text
     if arch == "sdxl":

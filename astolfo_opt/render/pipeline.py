@@ -6,11 +6,16 @@ the ``meta`` device and their parameters assigned straight from the (memory-mapp
 pays for a random initialisation. Configs come from the shipped folders (``configs/<variant>[-tiny]/``) and the
 tokenizer from open_clip's BPE file: nothing touches the network (``HF_HUB_OFFLINE=1`` is set defensively too).
 ``config_dir()`` materialises a complete folder for ``from_single_file(path, config=DIR, local_files_only=True)``.
+
+The variant (which config folder, hence which prediction type and noise schedule) is read from the file when it
+says: v-prediction markers or ModelSpec metadata (``checkpoint.prediction``) pick ``sdxl-v`` / ``sd2-v`` / ``sd2-eps``;
+a v model sampled as epsilon renders noise, and the search would then optimise noise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -27,6 +32,7 @@ from PIL import Image  # noqa: E402
 
 from astolfo_opt.checkpoint.io import open_checkpoint  # noqa: E402
 from astolfo_opt.checkpoint.layout import canonical_key, detect_architecture, detect_size, get_layout  # noqa: E402
+from astolfo_opt.checkpoint.prediction import Prediction, prediction_of  # noqa: E402
 from astolfo_opt.errors import CheckpointError, ConfigError  # noqa: E402
 from astolfo_opt.render.make_configs import VARIANTS, folder_name  # noqa: E402
 from astolfo_opt.render.prompts import Prompt  # noqa: E402
@@ -39,11 +45,29 @@ log = logging.getLogger(__name__)
 #: merge component -> diffusers pipeline attribute
 MODULE_OF = {"unet": "unet", "te0": "text_encoder", "te1": "text_encoder_2", "vae": "vae"}
 DEFAULT_VARIANT = {"sd1": "sd1", "sdxl": "sdxl"}
+#: (architecture, prediction type the file states) -> the variant picked when none is given
+PREDICTION_VARIANT = {(arch, pred): v for v, (arch, pred, _) in VARIANTS.items()}
+#: ``guidance_rescale`` used when the settings leave it unset and the scheduler has zero terminal SNR: diffusers'
+#: recommended value (0.7, from "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4); without
+#: it CFG over-exposes zero-terminal-SNR models. Epsilon / non-ZTSNR variants keep diffusers' default 0.
+ZTSNR_GUIDANCE_RESCALE = 0.7
 
 
-def resolve_variant(arch: str, variant: str | None, path: str | Path = "checkpoint", config_key: str = "pool.variant") -> str:
-    """The render variant for a file of ``arch``; SD2 must be told (v-prediction 768-v vs epsilon 512-base)."""
+def resolve_variant(arch: str, variant: str | None, path: str | Path = "checkpoint", config_key: str = "pool.variant",
+                    prediction: str | None = None) -> str:
+    """The render variant for a file of ``arch``.
+
+    ``prediction`` is what the file itself states (``checkpoint.prediction``: "epsilon" | "v_prediction" | None). Without
+    an explicit ``variant`` it picks the variant (``sdxl-v`` for v-prediction SDXL, ``sd2-v`` / ``sd2-eps``); SD2 that
+    states nothing must be told (768-v and 512-base have the same keys). An explicit variant always wins, since the
+    user may know better than a stale marker, but one that contradicts the file is logged as a warning naming both."""
     if variant in (None, "", "auto"):
+        if prediction is not None:
+            picked = PREDICTION_VARIANT.get((arch, prediction))
+            if picked is None:
+                raise ConfigError(f"{path}: the file states prediction type {prediction} but there is no {arch} render variant "
+                                  f"for it (variants: {', '.join(VARIANTS)}); set {config_key} to render it anyway")
+            return picked
         if arch == "sd2":
             raise ConfigError(f"{path}: SD2 checkpoints are either v-prediction (768-v) or epsilon (512-base) and the file "
                               f"does not say which: set {config_key}=sd2-v or {config_key}=sd2-eps")
@@ -52,6 +76,10 @@ def resolve_variant(arch: str, variant: str | None, path: str | Path = "checkpoi
         raise ConfigError(f"{config_key}={variant!r} is unknown; use one of {', '.join(VARIANTS)}")
     if VARIANTS[variant][0] != arch:
         raise ConfigError(f"{config_key}={variant!r} is for {VARIANTS[variant][0]} but {path} is an {arch} checkpoint")
+    if prediction is not None and VARIANTS[variant][1] != prediction:
+        log.warning("%s: %s=%s renders with prediction type %s, but the file states prediction type %s (variant %s); "
+                    "the images are likely noise", path, config_key, variant, VARIANTS[variant][1], prediction,
+                    PREDICTION_VARIANT.get((arch, prediction), "none"))
     return variant
 
 
@@ -136,7 +164,8 @@ class RenderPipeline:
     """A resident diffusers pipeline plus the parameter map that lets merged weights be swapped in place."""
 
     def __init__(self, pipe: Any, modules: dict[str, torch.nn.Module], maps: dict[str, KeyMap], *, arch: str, variant: str,
-                 size: str, device: torch.device, dtype: torch.dtype, checkpoint: Path, filled: list[str]):
+                 size: str, device: torch.device, dtype: torch.dtype, checkpoint: Path, filled: list[str],
+                 prediction: Prediction | None = None):
         self.pipe = pipe
         self.modules = modules
         self.maps = maps
@@ -145,6 +174,8 @@ class RenderPipeline:
         self.checkpoint = checkpoint
         #: optional keys the base file lacked, zero-filled at build (a swap that emits them overwrites them)
         self.filled = filled
+        #: what the base file states about its prediction type (None: not read, e.g. a hand-built pipeline)
+        self.prediction = prediction
         self._targets: dict[str, list[tuple[torch.nn.Parameter, Rule]]] = {}
         for comp, km in maps.items():
             params = dict(modules[comp].named_parameters())
@@ -166,15 +197,40 @@ class RenderPipeline:
         return dict(self.modules[component].named_parameters())
 
     # ------------------------------------------------------------------------------------------------- render
+    @property
+    def prediction_type(self) -> str:
+        """What the pipeline samples as (the variant's prediction type, not necessarily what the file states)."""
+        return VARIANTS[self.variant][1]
+
+    @property
+    def ztsnr(self) -> bool:
+        """Whether the noise schedule has zero terminal SNR (``sdxl-v``)."""
+        return bool(self._scheduler_config.get("rescale_betas_zero_snr"))
+
+    def guidance_rescale(self, settings: RenderSettings) -> float:
+        """The ``guidance_rescale`` passed to diffusers: the setting, else 0.7 on a zero-terminal-SNR schedule, else 0."""
+        if settings.guidance_rescale is not None:
+            return float(settings.guidance_rescale)
+        return ZTSNR_GUIDANCE_RESCALE if self.ztsnr else 0.0
+
     def scheduler(self, name: str) -> Any:
-        """The diffusers scheduler for a settings name, built from the shipped scheduler config (cached)."""
+        """The diffusers scheduler for a settings name, built from the shipped scheduler config (cached), so it keeps
+        the variant's prediction type, zero-terminal-SNR betas and timestep spacing. A scheduler class that cannot
+        take zero terminal SNR (PNDM) would silently drop it and render a schedule the model was not trained on, so it
+        is refused for such a variant."""
         if name not in self._schedulers:
             if name not in SCHEDULERS:
                 raise ConfigError(f"render.scheduler={name!r} is unknown; use one of {', '.join(SCHEDULERS)}")
             import diffusers
 
             cls_name, extra = SCHEDULERS[name]
-            self._schedulers[name] = getattr(diffusers, cls_name).from_config(self._scheduler_config, **extra)
+            cls = getattr(diffusers, cls_name)
+            if self.ztsnr and "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+                ok = [n for n, (c, _) in SCHEDULERS.items()
+                      if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c).__init__).parameters]
+                raise ConfigError(f"render.scheduler={name} cannot sample the zero-terminal-SNR schedule of variant {self.variant}; "
+                                  f"use one of {', '.join(ok)}")
+            self._schedulers[name] = cls.from_config(self._scheduler_config, **extra)
         return self._schedulers[name]
 
     def render_batches(self, prompts: Sequence[Prompt], settings: RenderSettings) -> Iterator[list[tuple[Prompt, Image.Image]]]:
@@ -188,7 +244,8 @@ class RenderPipeline:
             kwargs: dict[str, Any] = dict(
                 prompt=[p.prompt for p in chunk], negative_prompt=[p.negative for p in chunk], width=settings.width,
                 height=settings.height, num_inference_steps=settings.steps, guidance_scale=float(settings.guidance_scale),
-                generator=[torch.Generator("cpu").manual_seed(int(p.seed)) for p in chunk], output_type="pil")
+                guidance_rescale=self.guidance_rescale(settings), output_type="pil",
+                generator=[torch.Generator("cpu").manual_seed(int(p.seed)) for p in chunk])
             if settings.clip_skip and self.arch in ("sd1", "sd2"):
                 kwargs["prompt_embeds"] = self.clip_skip_embeds(kwargs.pop("prompt"), int(settings.clip_skip))
                 kwargs["negative_prompt_embeds"] = self.clip_skip_embeds(kwargs.pop("negative_prompt"), int(settings.clip_skip))
@@ -219,8 +276,9 @@ def build_pipeline(checkpoint: str | Path, *, variant: str | None = None, device
                    dtype: torch.dtype | None = None, config_key: str = "pool.variant") -> RenderPipeline:
     """Build the pipeline once from a local checkpoint (tiny or full picked from its shapes); no network.
 
-    ``dtype`` defaults to fp16 on CUDA and fp32 on CPU. Missing required weights raise a one-line
-    :class:`CheckpointError` naming the file; SD2 without ``variant`` raises a :class:`ConfigError` naming ``config_key``."""
+    ``dtype`` defaults to fp16 on CUDA and fp32 on CPU. Without ``variant`` it is picked from what the file states
+    (:func:`resolve_variant`). Missing required weights raise a one-line :class:`CheckpointError` naming the file; SD2
+    stating no prediction type and given no ``variant`` raises a :class:`ConfigError` naming ``config_key``."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointError(path, "file not found", "give the path of a local .safetensors / .ckpt model")
@@ -236,7 +294,10 @@ def build_pipeline(checkpoint: str | Path, *, variant: str | None = None, device
         size = detect_size(arch, {c: tuple(reader.info(r).shape) for c, r in index.items()})
         if size is None:
             raise CheckpointError(path, f"UNet shapes match no known {arch} size", "the renderer supports full-size SD1 / SD2 / SDXL")
-        variant = resolve_variant(arch, variant, path, config_key)
+        prediction = prediction_of(reader)
+        for problem in prediction.problems:
+            log.warning("%s: %s", path, problem)
+        variant = resolve_variant(arch, variant, path, config_key, prediction=prediction.type)
         modules = _build_modules(arch, variant, size)
         layout = get_layout(arch, size)
         maps: dict[str, KeyMap] = {}
@@ -286,7 +347,7 @@ def build_pipeline(checkpoint: str | Path, *, variant: str | None = None, device
         reader.close()
     pipe = _assemble(arch, variant, size, modules)
     return RenderPipeline(pipe, modules, maps, arch=arch, variant=variant, size=size, device=dev, dtype=dtype,
-                          checkpoint=path, filled=filled)
+                          checkpoint=path, filled=filled, prediction=prediction)
 
 
 def _assemble(arch: str, variant: str, size: str, modules: dict[str, torch.nn.Module]) -> Any:

@@ -1,4 +1,4 @@
-"""Render settings: image size, steps, guidance, scheduler, clip skip, batch size.
+"""Render settings: image size, steps, guidance, guidance rescale, scheduler, clip skip, batch size.
 
 Why a small frozen dataclass: a trial's images must be reproducible from (recipe, prompt set, settings, device), so
 the settings are validated once and hashed into the study's record, never mutated during a study.
@@ -28,7 +28,12 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 @dataclass(frozen=True)
 class RenderSettings:
-    """How every prompt of a set is rendered. ``clip_skip`` follows diffusers (1 = A1111 "clip skip 2"; 0/None = off)."""
+    """How every prompt of a set is rendered. ``clip_skip`` follows diffusers (1 = A1111 "clip skip 2"; 0/None = off).
+
+    ``guidance_rescale`` is diffusers' ``guidance_rescale`` (phi of "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", eq. 16): it tames the over-exposure classifier-free guidance causes on zero-terminal-SNR models.
+    ``None`` means "the variant's default" (0.7 for ``sdxl-v``, 0 otherwise: see ``render.pipeline``), so a config
+    written before the field existed renders as it did."""
 
     width: int = 512
     height: int = 512
@@ -37,6 +42,7 @@ class RenderSettings:
     scheduler: str = "euler"
     clip_skip: int | None = None
     batch_size: int = 1
+    guidance_rescale: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -55,6 +61,9 @@ class RenderSettings:
             float(self.guidance_scale)
         except (TypeError, ValueError):
             raise ConfigError(f"render.guidance_scale={self.guidance_scale!r} must be a number") from None
+        gr = self.guidance_rescale
+        if gr is not None and (isinstance(gr, bool) or not isinstance(gr, int | float) or not 0.0 <= float(gr) <= 1.0):
+            raise ConfigError(f"render.guidance_rescale={gr!r} must be null (the variant's default) or a number in [0, 1]")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> RenderSettings:
@@ -63,7 +72,17 @@ class RenderSettings:
         return cls(**{k: v for k, v in dict(cfg).items() if k in names and (v is not None or k == "clip_skip")})
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Content hash. Fields added later are left out while unset (``None``), so settings written before they
+        existed keep their hash."""
+        d = asdict(self)
+        for name in _ADDED_FIELDS:
+            if d[name] is None:
+                del d[name]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: fields added after settings hashes were first recorded (left out of the hash while None)
+_ADDED_FIELDS = ("guidance_rescale",)
 
 
 def parse_size(text: str) -> tuple[int, int]:
