@@ -32,7 +32,7 @@ lint: $(STAMP)
 
 # Regenerate the lock from pyproject.toml's ranges (latest versions that satisfy them), then run `make test`.
 lock: $(STAMP)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes \
+	$(BIN)/uv pip compile --quiet pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes \
 		$(foreach c,$(PIP_CONSTRAINTS),--constraint $(c)) --custom-compile-command 'make lock' --upgrade -o $(LOCK)
 
 # Drift check (not part of CI): the suite on today's unpinned latest, in its own venv.

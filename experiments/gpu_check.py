@@ -24,6 +24,7 @@ disk needed vs free) on any machine and is what the CPU test checks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -168,13 +169,18 @@ class GpuMemoryPoller:
             self._thread.join()
 
 
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited just now
+        os.killpg(pid, 9)
+
+
 def run_stage(st: Stage, timeout: float, log_dir: Path) -> dict[str, Any]:
     """Run one stage in its own process group (killed whole at the time-out); wall time, rc, peak RSS (wait4)."""
     log = log_dir / f"{st.name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as fo:
         p = subprocess.Popen(st.cmd, stdout=fo, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        killer = threading.Timer(timeout, lambda: os.killpg(p.pid, 9))
+        killer = threading.Timer(timeout, _kill_group, (p.pid,))
         killer.start()
         try:
             _, status, ru = os.wait4(p.pid, 0)
@@ -263,29 +269,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: {a.workdir} has {free:.1f} GB free, the pools need {need:.1f} GB; pass --workdir on a larger disk")
         return 2
     a.workdir.mkdir(parents=True, exist_ok=True)
-    (a.workdir / "results").mkdir(exist_ok=True)
-    deadline = time.perf_counter() + a.budget
+    return run_stages(stages, doc, a.json, a.workdir / "results", a.budget, memory=GpuMemoryPoller)
+
+
+def run_stages(stages: list[Stage], doc: dict[str, Any], json_path: Path, log_dir: Path, budget: float,
+               memory: Any = None, min_left: float = 20.0) -> int:
+    """Run the stages in order under one time budget: each gets ``min(its time-out, what is left)``, a stage that
+    would get under ``min_left`` seconds is skipped, the JSON is rewritten after every stage (a run cut short keeps
+    what it measured) and a table is printed. ``memory``: a context-manager class with ``.peak`` / ``.base`` bytes
+    (the GPU poller; None on a CPU test). Returns 0 when every stage that ran exited 0, else 1."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + budget
     for st in stages:
         left = deadline - time.perf_counter()
-        if left < 20:
-            st.result = {"skipped": f"budget spent ({a.budget:.0f} s)"}
+        if left < min_left:
+            st.result = {"skipped": f"budget spent ({budget:.0f} s)"}
         else:
             print(f"[{st.name}] {st.what} (time-out {min(st.timeout_s, left):.0f} s) ...", flush=True)
-            with GpuMemoryPoller() as mem:
-                st.result = run_stage(st, min(st.timeout_s, left), a.workdir / "results")
-            st.result["peak_gpu_gib"] = round(mem.peak / GIB, 2)
-            st.result["gpu_before_gib"] = round(mem.base / GIB, 2)
+            with (memory() if memory is not None else contextlib.nullcontext()) as mem:
+                st.result = run_stage(st, min(st.timeout_s, left), log_dir)
+            if mem is not None:
+                st.result["peak_gpu_gib"] = round(mem.peak / GIB, 2)
+                st.result["gpu_before_gib"] = round(mem.base / GIB, 2)
             print(f"[{st.name}] rc {st.result['rc']} in {st.result['seconds']} s: {headline(st)}", flush=True)
         doc["stages"][st.name].update(st.result, headline=headline(st))
-        write_json(a.json, doc)
+        write_json(json_path, doc)
     print(f"\n{'stage':11s} {'rc':>4s} {'sec':>6s} {'GPU GiB':>8s} {'RSS GiB':>8s}  figure")
     for st in stages:
         r = st.result
         print(f"{st.name:11s} {str(r.get('rc', '-')):>4s} {r.get('seconds', 0):6.1f} {r.get('peak_gpu_gib', 0):8.2f} "
               f"{r.get('peak_rss_gib', 0):8.2f}  {headline(st)}")
-    print(f"written: {a.json}")
+    print(f"written: {json_path}")
     return 0 if all(st.result.get("rc", 0) == 0 for st in stages) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,9 +5,11 @@ and exits 0. The measurements themselves need a lent GPU."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,42 @@ def test_without_cuda_one_line_and_exit_zero(tmp_path):
     r = _run("--json", str(out), "--workdir", str(tmp_path / "w"))
     assert r.returncode == 0 and r.stdout.strip().count("\n") == 0 and "CUDA is not available" in r.stdout
     assert not out.exists() and not (tmp_path / "w").exists()  # nothing measured, nothing written
+
+
+def test_stage_runner_budget_timeouts_and_json(tmp_path):
+    """The orchestration a GPU run depends on, run on CPU with stand-in stages: figures come back from a stage's JSON,
+    a stage past its time-out is killed with its whole process group, a stage the budget no longer fits is skipped,
+    and the JSON is complete after the run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gc = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gc  # dataclasses look their module up
+    spec.loader.exec_module(gc)  # type: ignore[union-attr]
+    py = sys.executable
+    child = tmp_path / "grandchild.pid"
+    figures = tmp_path / "ok.json"
+    stages = [
+        gc.Stage("ok", "writes figures", [py, "-c", f"import json; open({str(figures)!r}, 'w').write(json.dumps({{'x': 1}}))"], 30,
+                 figures),
+        gc.Stage("slow", "sleeps past its time-out", ["bash", "-c", f"sleep 60 & echo $! > {child}; wait"], 4),
+        gc.Stage("late", "no budget left", [py, "-c", "print(1)"], 30),  # after 4 s of "slow", under 5 of 9 are left
+    ]
+    doc = {"stages": {s.name: {"what": s.what} for s in stages}}
+    out = tmp_path / "gpu_check.json"
+    rc = gc.run_stages(stages, doc, out, tmp_path / "logs", budget=9.0, min_left=5.0)
+    assert rc == 1  # a stage failed (timed out)
+    got = json.loads(out.read_text())["stages"]
+    assert got["ok"]["rc"] == 0 and got["ok"]["figures"] == {"x": 1} and got["ok"]["peak_rss_gib"] > 0
+    assert got["slow"]["timed_out"] and got["slow"]["rc"] == -9 and 3.5 < got["slow"]["seconds"] < 15
+    assert "budget spent" in got["late"]["skipped"] and "rc" not in got["late"]
+    pid = int(child.read_text())
+    for _ in range(50):  # the sleeping grandchild went with its group
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"grandchild {pid} survived the stage's time-out")
+    assert (tmp_path / "logs" / "ok.log").exists()
