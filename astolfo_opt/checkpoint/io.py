@@ -33,6 +33,9 @@ ST_DTYPES: dict[str, torch.dtype] = {
     if hasattr(torch, attr)
 }
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+#: float8 storage dtypes (F8_E4M3 / F8_E5M2 files): torch has no type promotion or reductions for them, so readers
+#: of values widen them first (exactly: every fp8 value is an fp16 value)
+FP8_DTYPES: tuple[torch.dtype, ...] = tuple(ST_DTYPES[k] for k in ("F8_E4M3", "F8_E5M2") if k in ST_DTYPES)
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from astolfo_opt.checkpoint.io import CheckpointReader, open_checkpoint
+from astolfo_opt.checkpoint.io import FP8_DTYPES, CheckpointReader, open_checkpoint
 from astolfo_opt.checkpoint.layout import (
     MERGE_COMPONENTS,
     PASSTHROUGH_COMPONENTS,
@@ -48,8 +48,6 @@ from astolfo_opt.merge.recipe import ComponentRecipe, Recipe
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
           "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-#: stored dtypes torch cannot add into a wider accumulator (no type promotion for float8): upcast when read
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
