@@ -147,13 +147,11 @@ def setup(seed: int, models: int, workdir: Path, backend: str):
 
 
 def _render_hook(pool, prompts: int):
-    """A per-step callable that renders one tiny image with the real pipeline, or ``None`` when rendering is missing."""
-    try:
-        from astolfo_opt.render.pipeline import build_pipeline
-        from astolfo_opt.render.prompts import Prompt
-        from astolfo_opt.render.settings import RenderSettings
-    except ImportError:
-        return None, "astolfo_opt.render is not available yet: render cost counted in prompt steps (1 step = 1 image)"
+    """A per-step callable that renders one tiny image with the real pipeline, and what the cost column means."""
+    from astolfo_opt.render.pipeline import build_pipeline
+    from astolfo_opt.render.prompts import Prompt
+    from astolfo_opt.render.settings import RenderSettings
+
     pipe = build_pipeline(str(pool.base), variant="sd1", device="auto")
     settings = RenderSettings(width=64, height=64, steps=4, guidance_scale=5.0, scheduler="euler", clip_skip=1, batch_size=1)
 

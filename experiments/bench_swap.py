@@ -52,19 +52,15 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
-    try:
-        from astolfo_opt.merge.incremental import IncrementalMerger
-        from astolfo_opt.merge.kernel import merge
-        from astolfo_opt.merge.recipe import Recipe
-        from astolfo_opt.merge.sinks import NullSink, SafetensorsSink
-    except ImportError as e:
-        print(f"the merge kernel is not available ({e}); nothing to benchmark")
-        return 1
     import numpy as np
     import torch
     from bench_merge import ensure_pool, warm
     from diffusers import StableDiffusionPipeline
 
+    from astolfo_opt.merge.incremental import IncrementalMerger
+    from astolfo_opt.merge.kernel import merge
+    from astolfo_opt.merge.recipe import Recipe
+    from astolfo_opt.merge.sinks import NullSink, SafetensorsSink
     from astolfo_opt.render.pipeline import build_pipeline, config_dir, resolve_device
     from astolfo_opt.render.prompts import Prompt
     from astolfo_opt.render.settings import RenderSettings

@@ -14,9 +14,6 @@ from astolfo_opt.search.app import run_search
 from astolfo_opt.search.study import open_storage_url
 from astolfo_opt.testing.factory import ModelSpec, make_checkpoint, make_pool
 
-kernel = pytest.importorskip("astolfo_opt.merge.kernel", reason="merge kernel not there yet")
-
-
 
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory):
@@ -69,7 +66,6 @@ def test_oracle_study_and_export(pool_dir, tmp_path):
 
 
 def test_pipeline_study_prunes_and_exports(pool_dir, tmp_path):
-    pytest.importorskip("astolfo_opt.render.pipeline", reason="renderer not there yet")
     from astolfo_opt.search.export import export_trial
     from scorers.testing import demo_objective_config
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -149,52 +148,3 @@ class NullSink:
 
     def end(self) -> None:
         pass
-
-
-def tensor_digest(h: hashlib._Hash, key: str, tensor: torch.Tensor) -> None:
-    """Feed one tensor (key, dtype, shape, bytes) into a running hash - the same bytes a file would hold."""
-    t = tensor.detach().to("cpu").contiguous()
-    h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-    raw = t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
-    h.update(raw.numpy().tobytes())
-
-
-class HashingSink:
-    """Tee every tensor to an inner sink (optional) and a sha256 over keys + bytes, so a trial's merge and a later
-    export can be proven identical. Components arrive separately in the trial loop, so hashes are kept per
-    component and combined in component order."""
-
-    def __init__(self, inner=None, component_of=None):
-        self.inner = inner
-        self._component_of = component_of
-        self.component_hashes: dict[str, str] = {}
-        self._h: dict[str, hashlib._Hash] = {}
-        self._plan_comp: dict[str, str] = {}
-
-    def begin(self, plan: list[PlannedTensor]) -> None:
-        self._plan_comp = {p.key: p.component for p in plan}
-        self._h = {}
-        if self.inner is not None:
-            self.inner.begin(plan)
-
-    def consume(self, key: str, tensor: torch.Tensor) -> None:
-        comp = self._plan_comp.get(key, "other")
-        tensor_digest(self._h.setdefault(comp, hashlib.sha256()), key, tensor)
-        if self.inner is not None:
-            self.inner.consume(key, tensor)
-
-    def end(self) -> None:
-        for comp, h in self._h.items():
-            self.component_hashes[comp] = h.hexdigest()
-        if self.inner is not None:
-            self.inner.end()
-
-    def abort(self) -> None:
-        abort = getattr(self.inner, "abort", None)
-        if abort:
-            abort()
-
-    def digest(self, components: list[str] | None = None) -> str:
-        """Combined hash of the merge components seen so far (pass-through keys excluded)."""
-        comps = components or sorted(c for c in self.component_hashes if c in ("unet", "te0", "te1", "vae"))
-        return hashlib.sha256("|".join(f"{c}:{self.component_hashes[c]}" for c in comps).encode()).hexdigest()

@@ -12,31 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _grid(images: Sequence[Any], labels: Sequence[str], title: str | None):
-    """The renderer's grid when available; a plain fallback grid otherwise (labels in the image)."""
-    try:
-        from astolfo_opt.render.grid import make_grid
-
-        return make_grid(list(images), list(labels), title=title)
-    except ImportError:
-        pass
-    from PIL import Image, ImageDraw
-
-    w, h = images[0].size
-    cols = min(len(images), 4)
-    rows = (len(images) + cols - 1) // cols
-    pad = 14
-    top = pad if title else 0
-    grid = Image.new("RGB", (cols * w, top + rows * (h + pad)), "white")
-    d = ImageDraw.Draw(grid)
-    if title:
-        d.text((2, 1), title, fill="black")
-    for i, (img, lab) in enumerate(zip(images, labels, strict=False)):
-        x, y = (i % cols) * w, top + (i // cols) * (h + pad)
-        grid.paste(img.convert("RGB"), (x, y))
-        d.text((x + 2, y + h + 1), lab[: max(w // 6, 4)], fill="black")
-    return grid
+from astolfo_opt.render.grid import make_grid
 
 
 class ArtifactWriter:
@@ -60,6 +36,6 @@ class ArtifactWriter:
             ids.append(upload_artifact(artifact_store=self.store, file_path=str(rp), study_or_trial=trial, mimetype="application/json"))
             if images:
                 gp = Path(tmp) / f"trial{trial.number:05d}-grid.png"
-                _grid(list(images)[: self.max_images], list(labels)[: self.max_images], title).save(gp)
+                make_grid(list(images)[: self.max_images], list(labels)[: self.max_images], title=title).save(gp)
                 ids.append(upload_artifact(artifact_store=self.store, file_path=str(gp), study_or_trial=trial, mimetype="image/png"))
         return ids

@@ -204,25 +204,10 @@ class TeeSink:
 
 
 def make_merger(device: str, out_dtype):
-    """The IncrementalMerger (only changed components re-merged); a full-merge stand-in with the same interface when
-    the incremental module is not installed."""
-    try:
-        from astolfo_opt.merge.incremental import IncrementalMerger
-    except ImportError:
-        return _FullMerger(device, out_dtype)
+    """The IncrementalMerger: only the components whose recipe changed are merged again."""
+    from astolfo_opt.merge.incremental import IncrementalMerger
+
     return IncrementalMerger(device=device, out_dtype=out_dtype)
-
-
-class _FullMerger:
-    def __init__(self, device: str, out_dtype):
-        self.device, self.out_dtype = device, out_dtype
-        self.last_changed: list[str] = []
-
-    def merge(self, recipe, sink, *, force: bool = False):
-        from astolfo_opt.merge.kernel import merge
-
-        self.last_changed = sorted(recipe.components)
-        return merge(recipe, sink, device=self.device, out_dtype=self.out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ synthetic

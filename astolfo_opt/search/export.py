@@ -87,11 +87,8 @@ def export_trial(storage: Any, study_name: str, out: str | Path, *, trial: str |
     """Re-merge a trial's recipe into ``out`` (streaming, atomic) and check the tensor hashes against the trial's."""
     import torch
 
-    try:
-        from astolfo_opt.merge.kernel import merge
-        from astolfo_opt.merge.sinks import SafetensorsSink, merge_metadata
-    except ImportError as e:
-        raise AstolfoError(f"export needs the merge kernel (astolfo_opt.merge): {e}") from None
+    from astolfo_opt.merge.kernel import merge
+    from astolfo_opt.merge.sinks import SafetensorsSink, merge_metadata
     from astolfo_opt.search.evaluator import HashingSink, TeeSink, fingerprints_close
     from astolfo_opt.search.space import spec_to_recipe
 

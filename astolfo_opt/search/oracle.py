@@ -14,7 +14,7 @@ Three ways to get ``s`` of a recipe spec (same number up to float rounding; test
   affordable on a laptop.
 - ``reference``: a plain torch merge of the recipe (fp32, all tensors in memory) - the validation of ``gram``.
 - ``kernel``: the real streaming merge kernel (``astolfo_opt.merge``: IncrementalMerger into a distance sink) through
-  :class:`astolfo_opt.search.evaluator.OracleEvaluator`; used once the kernel exists (``available_backends()``).
+  :class:`astolfo_opt.search.evaluator.OracleEvaluator`.
 
 :class:`NoisyOracleEvaluator` plugs an oracle into the search core's :class:`Evaluator` interface (so strategies run
 through the real study / objective / sampler code) and can emit ``n_steps`` per-prompt proxy scores - a noisy,
@@ -40,18 +40,6 @@ from astolfo_opt.search.evaluator import BatchResult, Evaluator, TrialContext
 from astolfo_opt.search.space import BoolParam, Candidate, SearchSpace
 
 BACKENDS = ("gram", "reference", "kernel")
-
-
-def available_backends() -> list[str]:
-    """Backends usable in this install (``kernel`` needs ``astolfo_opt.merge.incremental``)."""
-    out = ["gram", "reference"]
-    try:
-        import astolfo_opt.merge.incremental  # noqa: F401
-        import astolfo_opt.merge.kernel  # noqa: F401
-        import astolfo_opt.merge.sinks  # noqa: F401
-    except ImportError:
-        return out
-    return out + ["kernel"]
 
 
 # ------------------------------------------------------------------------------------------------ pool + target
@@ -289,8 +277,6 @@ def make_oracle(backend: str, space: SearchSpace, target_spec: Mapping[str, Any]
     if backend == "reference":
         return ReferenceOracle(space, target_spec)
     if backend == "kernel":
-        if "kernel" not in available_backends():
-            raise ConfigError("--oracle kernel needs the merge kernel (astolfo_opt.merge); use --oracle gram or reference")
         return KernelOracle(space, target_spec, device=device)
     raise ConfigError(f"oracle backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
 
