@@ -36,7 +36,7 @@ from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
@@ -65,11 +65,17 @@ def trial_value(t: FrozenTrial, sign: float) -> float | None:
 
 
 def _key(params: Mapping[str, Any]) -> tuple:
-    return tuple(sorted((k, round(float(v), 9)) for k, v in params.items()))
+    """A hashable identity of a point: numbers rounded (float noise of a replay is the same point), choices as is."""
+    return tuple(sorted((k, round(float(v), 9) if isinstance(v, int | float) else repr(v)) for k, v in params.items()))
 
 
 def _is_bit(d: BaseDistribution) -> bool:
     return isinstance(d, IntDistribution) and d.low == 0 and d.high == 1
+
+
+def _is_choice(d: BaseDistribution) -> bool:
+    """A categorical parameter (e.g. a merge method): swept choice by choice like a bit, never line-searched."""
+    return isinstance(d, CategoricalDistribution)
 
 
 def _clip(d: BaseDistribution, v: float) -> float:
@@ -86,7 +92,9 @@ def start_params(dists: Mapping[str, BaseDistribution]) -> Params:
     """The uniform average: every bit on, weights / alphas at their high end, pairwise alphas in the middle."""
     out: Params = {}
     for n, d in dists.items():
-        if isinstance(d, IntDistribution):
+        if isinstance(d, CategoricalDistribution):
+            out[n] = d.choices[0]  # the first choice is the default (e.g. weighted_average)
+        elif isinstance(d, IntDistribution):
             out[n] = d.high
         elif n.startswith("pair."):
             out[n] = _clip(d, (d.low + d.high) / 2)  # type: ignore[attr-defined]
@@ -148,9 +156,10 @@ def staged_plan(dists: Mapping[str, BaseDistribution], seed: int | None = None, 
     failed / pruned, never better). Values are *maximised* (the sampler negates minimised objectives)."""
     rng = random.Random(f"staged|{seed}")
     bits = [n for n, d in dists.items() if _is_bit(d)]
-    families = {p: [n for n in dists if n.startswith(p) and not _is_bit(dists[n])] for p in LINE_PREFIXES}
+    choices = [n for n, d in dists.items() if _is_choice(d)]
+    families = {p: [n for n in dists if n.startswith(p) and not _is_bit(dists[n]) and not _is_choice(dists[n])] for p in LINE_PREFIXES}
     families = {p: ns for p, ns in families.items() if ns}
-    conts = [n for n, d in dists.items() if not _is_bit(d)]
+    conts = [n for n, d in dists.items() if not _is_bit(d) and not _is_choice(d)]
     region: list[tuple[Params, float]] = []  # evaluated points since the far-off models were settled
     in_region = False
 
@@ -285,6 +294,15 @@ def staged_plan(dists: Mapping[str, BaseDistribution], seed: int | None = None, 
             if fit_every and since_fit >= fit_every:
                 since_fit = 0
                 yield from try_model()
+        for n in choices:  # each other choice of a categorical, first improvement kept
+            for c in dists[n].choices:  # type: ignore[attr-defined]
+                if c == inc[n]:
+                    continue
+                p = {**inc, n: c}
+                val = yield from ask(p)
+                if val is not None and val > best:
+                    inc, best, accepted = p, val, True
+                    break
         yield from line(refine=True)
         if not accepted:
             break
@@ -297,6 +315,9 @@ def staged_plan(dists: Mapping[str, BaseDistribution], seed: int | None = None, 
             p[n] = _clip(d, float(p[n]) + rng.gauss(0.0, local_sigma * width))
         if bits and rng.random() < local_flip:
             p = flipped(p, [rng.choice([b for b in bits if b not in frozen] or bits)])
+        if choices and rng.random() < local_flip:
+            n = rng.choice(choices)
+            p[n] = rng.choice([c for c in dists[n].choices if c != p[n]] or [p[n]])  # type: ignore[attr-defined]
         val = yield from ask(p)
         if val is not None and val > best:
             inc, best = p, val
@@ -373,7 +394,8 @@ class StagedSampler(BaseSampler):
 
     def _random_point(self, dists: Mapping[str, BaseDistribution], salt: int) -> Params:
         rng = random.Random(f"staged-random|{self.seed}|{salt}")
-        return {n: (rng.randint(d.low, d.high) if isinstance(d, IntDistribution)  # type: ignore[attr-defined]
+        return {n: (rng.choice(d.choices) if isinstance(d, CategoricalDistribution)
+                    else rng.randint(d.low, d.high) if isinstance(d, IntDistribution)  # type: ignore[attr-defined]
                     else _clip(d, rng.uniform(d.low, d.high)))  # type: ignore[attr-defined]
                 for n, d in dists.items()}
 
