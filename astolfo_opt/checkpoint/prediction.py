@@ -17,6 +17,7 @@ Nothing else is guessed: a file that says nothing has ``type None``, and SD2 the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 
 EPSILON, V_PREDICTION = "epsilon", "v_prediction"
-PREDICTION_TYPES = (EPSILON, V_PREDICTION)
 #: marker keys -> what their presence means
 V_MARKER, ZTSNR_MARKER = "v_pred", "ztsnr"
 MARKER_KEYS = (V_MARKER, ZTSNR_MARKER)
@@ -59,9 +59,7 @@ class Prediction:
 def _marker_problem(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> str | None:
     if dtype == torch.bool or dtype.is_complex:
         return f"marker {key} has dtype {str(dtype).removeprefix('torch.')} (expected an empty numeric tensor); read as present"
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if n != 0:
         return f"marker {key} holds {n} value(s) of shape {tuple(shape)} (expected an empty tensor); read as present"
     return None

@@ -57,11 +57,12 @@ def modelspec_metadata(recipe: Recipe, title: str | None = None) -> dict[str, st
         out["modelspec.implementation"] = "sgm" if arch == "sdxl" else "ldm"
     if pred:
         out["modelspec.prediction_type"] = "epsilon" if pred == EPSILON else "v"
-    out["modelspec.title"] = title or f"astolfo-opt merge {recipe.hash()[:10]}"
+    rhash = recipe.hash()
+    out["modelspec.title"] = title or f"astolfo-opt merge {rhash[:10]}"
     out["modelspec.date"] = when.isoformat(timespec="seconds")
     involved = dict.fromkeys(m for c in recipe.components.values() for m in c.involved())
     out["modelspec.merged_from"] = ", ".join(involved or recipe.models)
-    out["modelspec.description"] = f"merged by astolfo-opt; recipe sha256 {recipe.hash()}"
+    out["modelspec.description"] = f"merged by astolfo-opt; recipe sha256 {rhash}"
     return out
 
 
