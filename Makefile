@@ -44,8 +44,16 @@ test-latest:
 	ASTOLFO_UNLOCKED=1 $(LATEST)/bin/python -m pytest -q
 
 # One prepared script for CUDA machines (exits 0 with one line where there is no CUDA).
+# On a machine with its own CUDA torch and no package registry (the lent GPU machine), `make gpu-check SYSTEM_PY=python3`
+# skips the venv and runs that interpreter with the repository on PYTHONPATH; packages it lacks travel as wheels
+# (README, "GPU figures"). GPU_ARGS passes options through, e.g. GPU_ARGS="--budget 330 --only cuda_tests".
+ifdef SYSTEM_PY
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(SYSTEM_PY) experiments/gpu_check.py --json experiments/results/gpu_check.json $(GPU_ARGS)
+else
 gpu-check: $(STAMP)
-	$(BIN)/python experiments/gpu_check.py --json experiments/results/gpu_check.json
+	$(BIN)/python experiments/gpu_check.py --json experiments/results/gpu_check.json $(GPU_ARGS)
+endif
 
 # The benchmarks behind the README's figures (CPU: ~30 min and ~25 GB of generated files under /tmp).
 bench: $(STAMP)

@@ -101,3 +101,18 @@ def test_stage_runner_budget_timeouts_and_json(tmp_path):
     else:
         pytest.fail(f"grandchild {pid} survived the stage's time-out")
     assert (tmp_path / "logs" / "ok.log").exists()
+
+
+def test_make_with_system_python_skips_the_venv(tmp_path):
+    """The lent GPU machine has no registry: `make gpu-check SYSTEM_PY=...` must install nothing and put the repo on
+    PYTHONPATH, and the options in GPU_ARGS must reach the script."""
+    args = f"GPU_ARGS=--dry-run --json {tmp_path / 'p.json'} --workdir {tmp_path / 'w'} --only merge_sd1"
+    plan = subprocess.run(["make", "-n", "gpu-check", f"SYSTEM_PY={sys.executable}", args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install" not in plan.stdout and f"PYTHONPATH={ROOT}" in plan.stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MAKEFLAGS", "MFLAGS")}
+    r = subprocess.run(["make", "-s", "gpu-check", f"SYSTEM_PY={sys.executable}", args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list(json.loads((tmp_path / "p.json").read_text())["stages"]) == ["merge_sd1"]
