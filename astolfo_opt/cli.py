@@ -22,7 +22,8 @@ SUBCOMMANDS: dict[str, str] = {
     "search": "Run an Optuna study (Hydra app: overrides and -m sweeps are passed through).",
     "export": "Export a study's best (or any) trial as an A1111-layout .safetensors with provenance.",
     "dashboard": "Start optuna-dashboard on a study's storage with its artifact store (image grids).",
-    "demo": "Run the embedded demo: generate a small pool, inspect it, search, export.",
+    "demo": "Run the embedded demo: build the tiny trained world, search it, export and judge the best merge.",
+    "world": "The tiny trained world: build it, check its properties, judge renders with its held-out judge.",
 }
 PASSTHROUGH = {"search"}  # Hydra owns the argument parsing
 

@@ -2,7 +2,9 @@
 
 The head is 768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts 0.2, 0.2, 0.1 and no activations (it is therefore an
 affine map at inference; the layer structure only matters for the state-dict keys ``layers.{0,2,4,6,7}``). Outputs
-are roughly 1-10 on real images. Same-shape heads (e.g. the "chad" predictor) load the same way.
+are roughly 1-10 on real images. Same-shape heads (e.g. the "chad" predictor) load the same way, and so do heads
+trained on another tower's embeddings: the input may be any width (the head's first layer says which), and the
+scorer checks it against the tower's ``embed_dim``.
 
 The head is tiny; the cost is the ViT-L/14 image encode, which this scorer shares with CLIP similarity when both
 name the same tower (see :mod:`scorers.tower`).
@@ -21,6 +23,7 @@ from astolfo_opt.errors import CheckpointError, ConfigError
 from scorers.base import TowerScorer, check_batch, check_direction, require_file, to_floats
 from scorers.tower import get_tower
 
+#: input width of the published predictor (OpenAI CLIP ViT-L/14); other heads' width is read from ``layers.0.weight``
 HEAD_INPUT_DIM = 768
 HEAD_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
 
@@ -43,13 +46,14 @@ class AestheticHead(nn.Module):
         )
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """``[N, 768]`` L2-normalised embeddings -> ``[N]`` scores."""
+        """``[N, input_dim]`` L2-normalised embeddings -> ``[N]`` scores."""
         return self.layers(embeds).squeeze(-1)
 
 
 def load_head(path: str | Path, config_key: str = "scorer.aesthetic.head") -> nn.Module:
     """Load a head strictly (missing, extra or mis-shaped keys are errors, not silent partial loads), in eval mode on
-    the CPU. ``weights_only=True`` because a ``.pth`` from the internet must not run code."""
+    the CPU. ``weights_only=True`` because a ``.pth`` from the internet must not run code. The input width comes from
+    ``layers.0.weight`` (any width; the rest must be 1024-128-64-16-1), so heads for other towers load too."""
     p = require_file(path, config_key, "aesthetic head file")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -60,7 +64,9 @@ def load_head(path: str | Path, config_key: str = "scorer.aesthetic.head") -> nn
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(p, f"holds a {type(state).__name__}, not a state dict")
-    head = AestheticHead()
+    first = state.get("layers.0.weight")
+    width = first.shape[1] if isinstance(first, torch.Tensor) and first.ndim == 2 and first.shape[1] > 0 else HEAD_INPUT_DIM
+    head = AestheticHead(int(width))
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -68,7 +74,7 @@ def load_head(path: str | Path, config_key: str = "scorer.aesthetic.head") -> nn
         extra = sorted(set(state) - set(HEAD_KEYS))
         detail = (f"missing keys {missing}" if missing else "") + ("; " if missing and extra else "") + \
                  (f"unexpected keys {extra}" if extra else "")
-        raise CheckpointError(p, f"is not a LAION aesthetic head (768-1024-128-64-16-1): "
+        raise CheckpointError(p, f"is not a LAION aesthetic head ({width}-1024-128-64-16-1): "
                                  f"{detail or str(e).splitlines()[-1].strip()[:200]}") from None
     return head.eval().requires_grad_(False)
 
@@ -86,7 +92,8 @@ def get_head(path: str | Path, device: torch.device, config_key: str = "scorer.a
 class LaionAesthetic(TowerScorer):
     """Aesthetic score of each image (the prompt is ignored). ``head`` is the ``.pth`` file; the tower arguments
     must describe an OpenAI ViT-L/14 (``ViT-L-14-quickgelu`` + local weights, or a transformers folder) for the real
-    head to mean anything; any tower with 768-d embeddings is accepted (the tiny test tower is one)."""
+    head to mean anything. Any tower whose ``embed_dim`` equals the head's input width is accepted (the tiny test
+    tower gives 768-d, like ViT-L/14); a head trained on another tower's embeddings goes with that tower."""
 
     def __init__(self, *, head: str | None = None, model: str | None = None, pretrained: str | None = None,
                  hf_dir: str | None = None, processor_dir: str | None = None, model_config: str | None = None,
@@ -98,10 +105,13 @@ class LaionAesthetic(TowerScorer):
         self.tower = get_tower(model=model, pretrained=pretrained, hf_dir=hf_dir, processor_dir=processor_dir,
                                model_config=model_config, device=device, dtype=dtype, batch_size=batch_size,
                                config_key=config_key)
-        if self.tower.embed_dim != HEAD_INPUT_DIM:
-            raise ConfigError(f"{config_key}: the aesthetic head needs 768-d CLIP ViT-L/14 image embeddings but the "
-                              f"tower {self.tower.model_name} gives {self.tower.embed_dim}-d (use ViT-L-14-quickgelu)")
         self.head = get_head(self.head_path, self.tower.device, f"{config_key}.head")
+        width = self.head.input_dim
+        if self.tower.embed_dim != width:
+            advice = " (the published LAION head is for CLIP ViT-L/14: use ViT-L-14-quickgelu)" if width == HEAD_INPUT_DIM else ""
+            raise ConfigError(f"{config_key}: the aesthetic head {self.head_path.name} takes {width}-d image embeddings but "
+                              f"the tower {self.tower.model_name} gives {self.tower.embed_dim}-d; the head must be trained "
+                              f"on that tower's embeddings{advice}")
 
     @torch.inference_mode()
     def score_embeddings(self, image_embeds: torch.Tensor, prompts: Sequence[str]) -> list[float]:

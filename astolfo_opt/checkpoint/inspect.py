@@ -28,7 +28,7 @@ from astolfo_opt.checkpoint.cache import JsonCache, cache_dir
 from astolfo_opt.checkpoint.io import FP8_DTYPES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TORCH_TO_ST, CheckpointReader, open_checkpoint
 from astolfo_opt.checkpoint.layout import MERGE_COMPONENTS, Layout, canonical_key, detect_architecture, detect_size, get_layout
 from astolfo_opt.checkpoint.prediction import MARKER_KEYS, effective_prediction, pool_prediction, prediction_of
-from astolfo_opt.checkpoint.spec import SIZES
+from astolfo_opt.checkpoint.spec import sizes_of
 from astolfo_opt.errors import AstolfoError, CheckpointError
 
 #: bump when a report's fields or meaning change: cached reports of another version are recomputed
@@ -242,7 +242,7 @@ def _choose_size(arch: str, shapes: dict[str, tuple[int, ...]]) -> str:
     if size:
         return size
     best, best_n = "unknown", 0
-    for s in SIZES:
+    for s in sizes_of(arch):
         lay = get_layout(arch, s)
         n = sum(1 for k, sh in shapes.items() if lay.expected_shape(k) == sh)
         if n > best_n:

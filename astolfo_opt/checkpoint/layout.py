@@ -181,7 +181,7 @@ def detect_size(arch: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     probe = _UNET + "time_embed.0.weight"
     if probe not in shapes:
         return None
-    for size in spec.SIZES:
+    for size in spec.sizes_of(arch):
         if get_layout(arch, size).expected_shape(probe) == tuple(shapes[probe]):
             return size
     return None
@@ -191,7 +191,7 @@ def main() -> None:  # pragma: no cover - developer tool
     """Regenerate the layout data files from spec.py + rules.yaml."""
     folder = sys.argv[1] if len(sys.argv) > 1 else str(resources.files("astolfo_opt.checkpoint.layouts"))
     for arch in spec.ARCHITECTURES:
-        for size in spec.SIZES:
+        for size in spec.sizes_of(arch):
             path = f"{folder}/{arch}.{size}.json"
             with open(path, "w") as f:
                 f.write(layout_to_json(build_entries(arch, size), arch, size))

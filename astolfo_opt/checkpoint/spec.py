@@ -18,7 +18,9 @@ import yaml
 Shape = tuple[int, ...]
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
-SIZES = ("full", "tiny")
+#: ``full`` (the released model), ``tiny`` (test widths), ``world`` (the trained tiny world; SD1 only): see
+#: ``layouts/architectures.yaml``. :func:`sizes_of` says which an architecture has.
+SIZES = ("full", "tiny", "world")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -52,8 +54,19 @@ def architecture_dims(arch: str, size: str = "full") -> dict[str, Any]:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
-    text = resources.files("astolfo_opt.checkpoint.layouts").joinpath("architectures.yaml").read_text()
-    return yaml.safe_load(text)[arch][size]
+    if size not in sizes_of(arch):
+        raise ValueError(f"{arch} has no {size!r} size; it has {', '.join(sizes_of(arch))}")
+    return _dims()[arch][size]
+
+
+@cache
+def _dims() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("astolfo_opt.checkpoint.layouts").joinpath("architectures.yaml").read_text())
+
+
+def sizes_of(arch: str) -> tuple[str, ...]:
+    """The sizes ``arch`` is described at (in :data:`SIZES` order)."""
+    return tuple(s for s in SIZES if s in _dims().get(arch, {}))
 
 
 # ----------------------------------------------------------------------------------------------------------- UNet

@@ -1,4 +1,4 @@
-"""``astolfo-opt demo``: tiny pool -> scan (NaN model excluded) -> pruned study -> export -> dashboard command."""
+"""``astolfo-opt demo``: trained tiny world -> scan (NaN model excluded) -> study (scorer=world) -> export -> judge."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="demo folder (pool, study.db, artifacts, best.safetensors)")
-    parser.add_argument("--trials", type=int, default=24, help="number of trials (default 24)")
+    parser.add_argument("--out", default="runs/demo", help="demo folder (study.db, artifacts, best.safetensors, summary.json)")
+    parser.add_argument("--world", default="runs/world-demo", help="world folder (built on the first run; default runs/world-demo)")
+    parser.add_argument("--trials", type=int, default=40, help="number of trials (default 40)")
     parser.add_argument("--device", default="cpu", help="cpu (default) | auto | cuda")
     parser.add_argument("--keep", action="store_true", help="resume the previous demo study instead of starting fresh")
 
@@ -15,5 +16,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from astolfo_opt.search.demo import run_demo
 
-    run_demo(args.out, n_trials=args.trials, fresh=not args.keep, device=args.device)
+    run_demo(args.out, n_trials=args.trials, fresh=not args.keep, device=args.device, world_dir=args.world)
     return 0

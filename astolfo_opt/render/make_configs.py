@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from astolfo_opt.checkpoint.spec import architecture_dims
+from astolfo_opt.checkpoint.spec import architecture_dims, sizes_of
 from astolfo_opt.render.tokenizer import BOS_ID, EOS_ID, tokenizer_json
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -57,7 +57,8 @@ def unet_config(arch: str, size: str, sample_size: int) -> dict[str, Any]:
         "up_block_types": ["CrossAttnUpBlock2D" if t else "UpBlock2D" for t in reversed(depth)],
         "cross_attention_dim": u["context_dim"], "use_linear_projection": u["linear_proj"],
         "attention_head_dim": u["num_heads"] or [c // u["num_head_channels"] for c in boc],
-        "norm_num_groups": 32, "act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+        "norm_num_groups": u.get("norm_groups", 32), "act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": True,
+        "freq_shift": 0,
         "downsample_padding": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
         "upcast_attention": arch == "sd2" and sample_size == 96,
     }
@@ -75,7 +76,7 @@ def vae_config(arch: str, size: str, sample_size: int) -> dict[str, Any]:
         "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
         "block_out_channels": [v["ch"] * m for m in v["ch_mult"]], "down_block_types": ["DownEncoderBlock2D"] * n,
         "up_block_types": ["UpDecoderBlock2D"] * n, "layers_per_block": v["num_res_blocks"], "latent_channels": v["z_channels"],
-        "in_channels": v["in_channels"], "out_channels": v["in_channels"], "norm_num_groups": 32, "act_fn": "silu",
+        "in_channels": v["in_channels"], "out_channels": v["in_channels"], "norm_num_groups": v.get("norm_groups", 32), "act_fn": "silu",
         "sample_size": sample_size * 8 if size == "full" else 64,
         "scaling_factor": 0.13025 if arch == "sdxl" else 0.18215, "force_upcast": arch == "sdxl",
     }
@@ -144,7 +145,7 @@ def all_config_files() -> dict[str, str]:
     """Path relative to ``configs/`` -> text, for every shipped folder."""
     out = {}
     for variant in VARIANTS:
-        for size in ("full", "tiny"):
+        for size in sizes_of(VARIANTS[variant][0]):
             for rel, text in config_files(variant, size).items():
                 out[f"{folder_name(variant, size)}/{rel}"] = text
     return out

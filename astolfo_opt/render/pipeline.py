@@ -304,7 +304,7 @@ def build_pipeline(checkpoint: str | Path, *, variant: str | None = None, device
         filled: list[str] = []
         for comp, module in modules.items():
             cfg = load_config(variant, size, f"{ {'te0': 'text_encoder', 'te1': 'text_encoder_2'}.get(comp, comp)}/config.json")
-            km = key_map(arch, comp, module, cfg)
+            km = key_map(arch, comp, module, cfg, size)
             maps[comp] = km
             metas = dict(module.named_parameters())
             missing = []

@@ -2,20 +2,25 @@
 differences come from the weights, not from sampling noise.
 
 Format: a top-level ``prompts:`` list of ``{prompt, negative, seed}`` (a bare string is a prompt whose seed is its
-index); optional ``name:``. Shipped sets live in ``astolfo_opt/render/prompt_sets/`` and can be named instead of a path.
+index); optional ``name:``; optional ``render:`` mapping of ``width``, ``height``, ``steps``, ``guidance_scale``,
+``scheduler`` (the :class:`~astolfo_opt.render.settings.RenderSettings` fields), so a set made for one size or sampler
+carries it: ``astolfo-opt render`` takes them as its defaults. Shipped sets live in ``astolfo_opt/render/prompt_sets/``
+and can be named instead of a path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from astolfo_opt.errors import ConfigError, MissingFileError
+from astolfo_opt.render.settings import RenderSettings
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,13 @@ class PromptSet:
     name: str
     #: sha256 over the prompts, negatives and seeds (not the name): a study records it so its scores stay comparable
     hash: str
+    #: render settings the set was made for (a subset of RENDER_KEYS, validated); not in ``hash``, so adding them
+    #: keeps a set's recorded scores comparable
+    render: dict[str, Any] = field(default_factory=dict)
+
+
+#: the RenderSettings fields a prompt set's ``render:`` section may set (the rest belong to the run, not the set)
+RENDER_KEYS = ("width", "height", "steps", "guidance_scale", "scheduler")
 
 
 def shipped_prompt_sets() -> list[str]:
@@ -83,4 +95,24 @@ def load_prompt_set(path: str | Path) -> PromptSet:
             raise ConfigError(f"{path}: prompts[{i}].negative must be a string")
         out.append(Prompt(item["prompt"], neg, seed))
     name = str(data.get("name") or path.stem)
-    return PromptSet(out, name, prompt_set_hash(out))
+    return PromptSet(out, name, prompt_set_hash(out), _render_section(path, data.get("render")))
+
+
+def _render_section(path: Path, section: Any) -> dict[str, Any]:
+    """The validated ``render:`` mapping (empty when absent). Values are checked by building RenderSettings from
+    them, so a bad set fails when loaded, not halfway through a study."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: `render:` must be a mapping of {', '.join(RENDER_KEYS)}")
+    unknown = sorted(set(map(str, section)) - set(RENDER_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: render: has unknown key(s) {', '.join(unknown)} (allowed: {', '.join(RENDER_KEYS)})")
+    flags = sorted(k for k, v in section.items() if isinstance(v, bool))
+    if flags:
+        raise ConfigError(f"{path}: render.{flags[0]} must be a number or name, not a boolean")
+    try:
+        RenderSettings(**section)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return dict(section)

@@ -102,7 +102,8 @@ def _classify(out: torch.Tensor, src: torch.Tensor, src_start: int) -> tuple[str
     raise AssertionError("conversion produced a tensor that is not a rename, transpose or row block of one source")
 
 
-def _convert(arch: str, comp: str, sd: dict[str, torch.Tensor], module: Any, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _convert(arch: str, comp: str, sd: dict[str, torch.Tensor], module: Any, config: Mapping[str, Any],
+             size: str = "tiny") -> dict[str, torch.Tensor]:
     from diffusers.loaders import single_file_utils as sfu
 
     if comp == "unet":
@@ -110,7 +111,7 @@ def _convert(arch: str, comp: str, sd: dict[str, torch.Tensor], module: Any, con
     if comp == "vae":
         return sfu.convert_ldm_vae_checkpoint(sd, dict(config))
     prefix = TE_PREFIXES[arch][comp]
-    if architecture_dims(arch, "tiny")[comp]["kind"] == "clip_l":
+    if architecture_dims(arch, size)[comp]["kind"] == "clip_l":
         return sfu.convert_ldm_clip_checkpoint(sd, remove_prefix=prefix.replace("text_model.", ""))
     return sfu.convert_open_clip_checkpoint(module, sd, prefix=prefix)
 
@@ -125,16 +126,24 @@ def _fit_name(name: str, want: set[str]) -> str | None:
     return None
 
 
-def trace_key_map(arch: str, comp: str, module: torch.nn.Module, config: Mapping[str, Any]) -> KeyMap:
-    """Build the key map of ``comp`` by running diffusers' conversion on id-valued placeholders (tiny layout).
+def trace_size(arch: str, size: str = "tiny") -> str:
+    """The layout a map is traced on: the module's own size when it is small (``tiny``, ``world``), ``tiny`` for
+    ``full`` (same key names and block structure; placeholders at full size would take gigabytes). ``world`` needs its
+    own trace: its channel multipliers differ, so it has other ``skip_connection`` keys."""
+    return size if size in ("tiny", "world") else "tiny"
+
+
+def trace_key_map(arch: str, comp: str, module: torch.nn.Module, config: Mapping[str, Any], size: str = "tiny") -> KeyMap:
+    """Build the key map of ``comp`` by running diffusers' conversion on id-valued placeholders (small layout).
 
     ``module`` is the live module (only its ``state_dict()`` names are used) and ``config`` its diffusers config; the
     conversion reads only block counts from it, which tiny and full sizes share, so the live config serves both."""
-    layout = get_layout(arch, "tiny")
+    size = trace_size(arch, size)
+    layout = get_layout(arch, size)
     keys = {k: e.shape for k, e in layout.entries.items() if e.component == comp and e.dtype == "float"}
     sd, starts, names = _placeholders(keys)
-    tiny_module = _tiny_module_for_trace(arch, comp, module)
-    conv = _convert(arch, comp, sd, tiny_module, config)
+    tiny_module = _tiny_module_for_trace(arch, comp, module, size)
+    conv = _convert(arch, comp, sd, tiny_module, config, size)
     want = set(module.state_dict().keys())
     km = KeyMap(comp)
     used: set[str] = set()
@@ -159,11 +168,11 @@ def trace_key_map(arch: str, comp: str, module: torch.nn.Module, config: Mapping
     return km
 
 
-def _tiny_module_for_trace(arch: str, comp: str, module: torch.nn.Module) -> Any:
+def _tiny_module_for_trace(arch: str, comp: str, module: torch.nn.Module, size: str = "tiny") -> Any:
     """OpenCLIP conversion reads ``hidden_size`` from the model config when a file lacks ``text_projection``: give it
-    an object with the tiny width so the split of the tiny placeholders is correct."""
-    if comp in ("te0", "te1") and architecture_dims(arch, "tiny")[comp]["kind"] == "open_clip":
-        width = architecture_dims(arch, "tiny")[comp]["width"]
+    an object with the traced layout's width so the split of its placeholders is correct."""
+    if comp in ("te0", "te1") and architecture_dims(arch, size)[comp]["kind"] == "open_clip":
+        width = architecture_dims(arch, size)[comp]["width"]
 
         class _Cfg:
             hidden_size = width
@@ -175,11 +184,11 @@ def _tiny_module_for_trace(arch: str, comp: str, module: torch.nn.Module) -> Any
     return module
 
 
-def key_map(arch: str, comp: str, module: torch.nn.Module, config: Mapping[str, Any]) -> KeyMap:
-    """The (cached) key map of a component for a module with these state_dict names."""
-    sig = (arch, comp, type(module).__name__, tuple(module.state_dict().keys()))
+def key_map(arch: str, comp: str, module: torch.nn.Module, config: Mapping[str, Any], size: str = "tiny") -> KeyMap:
+    """The (cached) key map of a component for a module with these state_dict names (``size``: the module's)."""
+    sig = (arch, comp, type(module).__name__, tuple(module.state_dict().keys()), trace_size(arch, size))
     if sig not in _KEYMAP_CACHE:
-        _KEYMAP_CACHE[sig] = trace_key_map(arch, comp, module, config)
+        _KEYMAP_CACHE[sig] = trace_key_map(arch, comp, module, config, size)
     return _KEYMAP_CACHE[sig]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from astolfo_opt.checkpoint.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from astolfo_opt.checkpoint.prediction import pool_prediction
+from astolfo_opt.checkpoint.spec import SIZES
 from astolfo_opt.checkpoint.writer import atomic_write_text
 from astolfo_opt.errors import ConfigError, MissingFileError
 
@@ -92,7 +93,7 @@ def scan_model(path: Path) -> ModelFacts:
 
     rep = inspect_model(path, scan=True, cache=False)  # the pool keeps its own (path, size, mtime) cache
     rep.raise_for_errors()
-    size = rep.size if rep.size in ("full", "tiny") else None
+    size = rep.size if rep.size in SIZES else None
     return ModelFacts(rep.name, str(Path(rep.path).resolve()), rep.arch, size, dict(rep.component_hashes), rep.nonfinite_keys(),
                       rep.effective_prediction)
 
