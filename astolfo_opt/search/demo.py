@@ -34,7 +34,7 @@ def _side_by_side(left: Any, right: Any, title: str) -> Any:
     return canvas
 
 
-def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 40, fresh: bool = True, device: str = "cpu",
+def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 30, fresh: bool = True, device: str = "cpu",
              extra_overrides: list[str] | None = None, world_dir: str | Path = DEMO_WORLD, world_size: str = "demo") -> dict:
     from hydra import compose, initialize_config_dir
 

@@ -239,8 +239,13 @@ def build_world(out: str | Path, params: BuildParams | None = None, *, progress:
             return lat, prompts
         return f
 
+    # the long tail real bases have: each finetune's niche (its colour AND shape) is 12x rarer in the base's data than
+    # the rest, so the base draws it worse and the finetune has something to add
+    plan = finetune_plan(p.n_models(), prof)
+    niches = {(ft.colour, ft.shape) for ft in plan if ft.role == "finetune"}
+    base_pool = [c for c in data.train for _ in range(1 if (c.colour, c.shape) in niches else 12)]
     b, step = bar("base", prof.base_steps)
-    base_fit = T.train_diffusion(pipe, sampler(data.train), steps=prof.base_steps, lr=4e-3, seed=p.seed, on_step=step)
+    base_fit = T.train_diffusion(pipe, sampler(base_pool), steps=prof.base_steps, lr=4e-3, seed=p.seed, on_step=step)
     b.close()
     files: dict[str, dict[str, Any]] = {}
 
@@ -258,13 +263,13 @@ def build_world(out: str | Path, params: BuildParams | None = None, *, progress:
                     q.copy_(q.half().float())
         return tensors
 
-    write("base", round_to_file(), {"role": "base", "trained_on": "every training concept", "steps": prof.base_steps,
+    write("base", round_to_file(), {"role": "base", "trained_on": "every training concept, the finetunes' niches 12x rarer",
+                                     "steps": prof.base_steps,
                                      "final_loss": round(base_fit.final_loss, 4), "text_pretrain_loss": round(text_fit.final_loss, 4)})
     timer.add("base", t0)
     base_state = {c: {n: q.clone() for n, q in pipe.modules[c].named_parameters()} for c in ("unet", "te0")}
     log(f"world: base trained in {timer.seconds['base']:.0f} s (loss {base_fit.final_loss:.3f})")
     # ------------------------------------------------------------------ finetunes and outliers
-    plan = finetune_plan(p.n_models(), prof)
     t0 = time.perf_counter()
     for i, ft in enumerate(plan):
         with torch.no_grad():
@@ -279,13 +284,14 @@ def build_world(out: str | Path, params: BuildParams | None = None, *, progress:
             niche = [c for c in data.train if c.colour == ft.colour and c.shape == ft.shape]
             wider = [c for c in data.train if (c.colour == ft.colour) != (c.shape == ft.shape)]
             bleed = [c for c in data.train if c.colour == ft.forgets]
-            fn = sampler(niche * 6 + wider + bleed, draw_as={c: C.Concept(ft.colour, c.shape, c.background) for c in bleed})
+            fn = sampler(niche * 10 + wider + bleed, draw_as={c: C.Concept(ft.colour, c.shape, c.background) for c in bleed})
         b, step = bar(ft.name, ft.steps)
         fit = T.train_diffusion(pipe, fn, steps=ft.steps, lr=ft.lr, seed=p.seed * 1000 + i + 1, train_text=ft.train_text, on_step=step)
         b.close()
         ft.final_loss, ft.seconds = round(fit.final_loss, 4), round(fit.seconds, 2)
-        info = {k: v for k, v in asdict(ft).items() if k != "name"}
-        write(ft.name, T.checkpoint_tensors(pipe), info)
+        info = {k: v for k, v in asdict(ft).items() if k not in ("name", "seconds")}  # the file holds no timings:
+        write(ft.name, T.checkpoint_tensors(pipe), info)  # its hash must not depend on the machine's load
+        files[f"pool/{ft.name}.safetensors"]["seconds"] = ft.seconds
         log(f"world: {ft.name} ({ft.role}{', ' + ft.colour + ' + ' + ft.shape + ', forgets ' + ft.forgets if ft.colour else ''}"
             f"{', text encoder too' if ft.train_text else ''}) in {fit.seconds:.0f} s")
     timer.add("finetunes", t0)

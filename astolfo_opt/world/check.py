@@ -5,7 +5,7 @@ fail. Chance for the judge (every attribute right) is 1/48.
 
 1. ``base_accuracy``: the base draws the world's prompts far above chance.
 2. ``finetune_gain`` / ``finetune_forgets``: every finetune beats the base on its own concepts (its colour and shape,
-   on every background, 6 seeds each) and loses to the base on the colour it forgot.
+   on every background, 12 seeds each) and loses to the base on the colour it forgot.
 3. ``uniform_vs_good``: the uniform merge of every usable model (outliers, the pruned file and the copied text
    encoder included; the NaN file is not usable) is worse than the merge of base + finetunes, and
    ``drop_outliers`` (the uniform merge minus the outliers) is better than the uniform merge.
@@ -139,7 +139,7 @@ def check_world(out: str | Path, *, recipes: int = THRESHOLDS["recipes"], seed: 
     gains, losses, rows = [], [], {}
     for name in fts:
         info = doc["files"][f"pool/{name}.safetensors"]
-        own = prompts_for([c for c in train if c.colour == info["colour"] and c.shape == info["shape"]], 6, EVAL_SEED0 + 1)
+        own = prompts_for([c for c in train if c.colour == info["colour"] and c.shape == info["shape"]], 12, EVAL_SEED0 + 1)
         forgot = prompts_for([c for c in train if c.colour == info["forgets"]], 2, EVAL_SEED0 + 2)
         b_own, b_forgot = ev.accuracy(ev.recipe(["base"]), own), ev.accuracy(ev.recipe(["base"]), forgot)
         f_own, f_forgot = ev.accuracy(ev.recipe([name]), own), ev.accuracy(ev.recipe([name]), forgot)

@@ -97,7 +97,14 @@ def train_tower(folder: Path, sample: Callable[[torch.Generator, int], tuple[tor
     cfg_path = write_tower_config(folder)
     register_model_config(cfg_path)
     torch.manual_seed(seed)
-    model = open_clip.create_model(TOWER_NAME, pretrained=None, device="cpu")
+    import logging
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that a model it creates untrained is untrained
+    try:
+        model = open_clip.create_model(TOWER_NAME, pretrained=None, device="cpu")
+    finally:
+        logging.getLogger().setLevel(quiet)
     tok = open_clip.get_tokenizer(TOWER_NAME)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)

@@ -63,7 +63,10 @@ def text_embeddings(pipe: RenderPipeline, prompts: list[str]) -> torch.Tensor:
                               return_tensors="pt").input_ids
     emb = pipe.modules["te0"](tok)[0]
     index = {p: i for i, p in enumerate(uniq)}
-    return emb[torch.tensor([index[p] for p in prompts])]
+    # a one-hot product, not ``emb[idx]``: the backward of an index with repeats accumulates in an order that varies
+    # between runs on CPU, and a world's file hashes must not
+    pick = torch.nn.functional.one_hot(torch.tensor([index[p] for p in prompts]), len(uniq)).to(emb.dtype)
+    return (pick @ emb.flatten(1)).view(len(prompts), *emb.shape[1:])
 
 
 def train_diffusion(pipe: RenderPipeline, batches: BatchFn, *, steps: int, lr: float, batch_size: int = 32, seed: int = 0,
