@@ -363,10 +363,11 @@ def test_shipped_configs_compose_and_build(tiny, random_head, monkeypatch):
     monkeypatch.delenv("ASTOLFO_CLIP_L14", raising=False)
     monkeypatch.delenv("ASTOLFO_TINY_CLIP", raising=False)
     names = sorted(p.stem for p in (CONF_DIR / "scorer").glob("*.yaml"))
-    assert {"tiny_clip", "clip_laion", "hpsv2", "pickscore"} <= set(names)
+    assert {"tiny_clip", "clip_laion", "hpsv2", "pickscore", "world"} <= set(names)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for name in names:
-            cfg = compose(overrides=[f"+scorer={name}"]).scorer
+            # scorer=world also selects render=world, so it composes within the root config, as search uses it
+            cfg = (compose("config", overrides=["scorer=world"]) if name == "world" else compose(overrides=[f"+scorer={name}"])).scorer
             assert "scorers" in cfg and "weights" in cfg
         cfg = compose(overrides=["+scorer=clip_laion"]).scorer
         with pytest.raises(ConfigError, match=r"scorer.scorers.clip.pretrained is required"):
