@@ -102,28 +102,6 @@ def prompts_for(concepts: list[C.Concept], seeds: int = 1, seed0: int = EVAL_SEE
     return [Prompt(c.prompt, "", seed0 + 10 * i + j) for i, c in enumerate(concepts) for j in range(seeds)]
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(x: list[float]) -> list[float]:
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra) ** 0.5
-    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
-    return cov / (va * vb) if va and vb else float("nan")
-
-
 def check_world(out: str | Path, *, recipes: int = THRESHOLDS["recipes"], seed: int = 0, log=print) -> list[Property]:
     ev = WorldEval(out)
     doc = ev.doc
@@ -171,10 +149,12 @@ def check_world(out: str | Path, *, recipes: int = THRESHOLDS["recipes"], seed: 
         u, t = pick(), pick()
         obj, acc, per = ev.score(ev.recipe(u, t), study)
         pts.append({"unet": u, "te0": t, "objective": obj, "judge": acc, **per})
-    rho = _spearman([p["objective"] for p in pts], [p["judge"] for p in pts])
-    ro = {id(p): r for p, r in zip(pts, _rank_list([p["objective"] for p in pts]), strict=True)}
-    rj = {id(p): r for p, r in zip(pts, _rank_list([p["judge"] for p in pts]), strict=True)}
-    worst = sorted(pts, key=lambda p: -abs(ro[id(p)] - rj[id(p)]))[:3]
+    from scipy.stats import rankdata, spearmanr
+
+    obj, acc = [p["objective"] for p in pts], [p["judge"] for p in pts]
+    rho = float(spearmanr(obj, acc).statistic)
+    gap = abs(rankdata(obj) - rankdata(acc))  # average ranks for ties, as Spearman's rho uses them
+    worst = [pts[i] for i in sorted(range(len(pts)), key=lambda i: -gap[i])[:3]]
     props.append(Property("spearman", rho, THRESHOLDS["spearman"], rho >= THRESHOLDS["spearman"],
                           {"recipes": pts, "disagree_most": worst}))
     log(f"objective vs judge over {recipes} random recipes: Spearman {rho:.2f}")
@@ -188,10 +168,3 @@ def check_world(out: str | Path, *, recipes: int = THRESHOLDS["recipes"], seed: 
     props.append(Property("deterministic", float(a == b), 1.0, a == b, {"images": len(a)}))
     return props
 
-
-def _rank_list(x: list[float]) -> list[int]:
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    r = [0] * len(x)
-    for rank, i in enumerate(order):
-        r[i] = rank
-    return r

@@ -62,7 +62,9 @@ def _norm_out(norm: torch.nn.GroupNorm, c: int) -> None:
         norm.bias[_slot(c, j, 0)] = BIAS
 
 
-def _identity_blocks(blocks: list, c_of) -> None:
+def _shortcuts(blocks: list) -> None:
+    """Each ResNet block is the identity already (its second conv is zero); where it changes the channel count,
+    its 1x1 shortcut carries the slot layout across."""
     for block in blocks:
         for res in block.resnets:
             if res.conv_shortcut is not None:
@@ -81,11 +83,11 @@ def construct(vae: torch.nn.Module, scaling_factor: float) -> torch.nn.Module:
         c0 = enc.conv_in.out_channels
         _signals_in(enc.conv_in, c0, 3, 1.0)
         for block in enc.down_blocks:
-            _identity_blocks([block], None)
+            _shortcuts([block])
             for ds in block.downsamplers or []:
                 c = ds.conv.out_channels
                 _remap(ds.conv.weight, c, c, [(0, 0), (0, 1), (1, 0), (1, 1)], 0.25)  # pad (0,1,0,1), stride 2: 2x2 mean
-        _identity_blocks([enc.mid_block], None)
+        _shortcuts([enc.mid_block])
         c_top = enc.conv_norm_out.num_channels
         _norm_out(enc.conv_norm_out, c_top)
         gain = LATENT_GAIN / scaling_factor
@@ -100,9 +102,9 @@ def construct(vae: torch.nn.Module, scaling_factor: float) -> torch.nn.Module:
                 conv.weight[:, :, 0, 0] = torch.eye(n)
         c_mid = dec.conv_in.out_channels
         _signals_in(dec.conv_in, c_mid, 3, scaling_factor / LATENT_GAIN)
-        _identity_blocks([dec.mid_block], None)
+        _shortcuts([dec.mid_block])
         for block in dec.up_blocks:
-            _identity_blocks([block], None)
+            _shortcuts([block])
             for us in block.upsamplers or []:
                 c = us.conv.out_channels
                 _remap(us.conv.weight, c, c, [(1, 1)])
