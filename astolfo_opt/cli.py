@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "search": "Run an Optuna study (Hydra app: overrides and -m sweeps are passed through).",
     "export": "Export a study's best (or any) trial as an A1111-layout .safetensors with provenance.",
     "dashboard": "Start optuna-dashboard on a study's storage with its artifact store (image grids).",
+    "review": "Mark the worst of a few grids in optuna-dashboard; the answers calibrate the objective.",
     "demo": "Run the embedded demo: build the tiny trained world, search it, export and judge the best merge.",
     "world": "The tiny trained world: build it, check its properties, judge renders with its held-out judge.",
 }

@@ -65,3 +65,18 @@ class _Pools(dict):
 @pytest.fixture(scope="session")
 def tiny_pools(tmp_path_factory) -> _Pools:
     return _Pools(tmp_path_factory.mktemp("tiny_pools"))
+
+
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory):
+    """The demo-size trained world, built once per session (~3 min on 2 cores) or taken from ``ASTOLFO_TEST_WORLD``
+    (a developer's already-built one; the build verifies and reuses it)."""
+    import os
+    from pathlib import Path
+
+    from astolfo_opt.world.build import BuildParams, build_world
+
+    cached = os.environ.get("ASTOLFO_TEST_WORLD")
+    out = Path(cached) if cached else tmp_path_factory.mktemp("demo-world") / "world"
+    build_world(out, BuildParams(size="demo"), progress=False)
+    return out

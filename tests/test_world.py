@@ -6,7 +6,6 @@ export -> render -> judge reproduces the trial's images and judgement."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -140,12 +139,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ demo world, end to end
-@pytest.fixture(scope="module")
-def demo_world(tmp_path_factory) -> Path:
-    cached = os.environ.get("ASTOLFO_TEST_WORLD")  # a developer's already-built demo world (CI builds one)
-    out = Path(cached) if cached else tmp_path_factory.mktemp("demo-world") / "world"
-    build_world(out, BuildParams(size="demo"), progress=False)
-    return out
+# demo_world: the session fixture in conftest.py (built once, shared with test_review.py)
 
 
 @pytest.mark.slow

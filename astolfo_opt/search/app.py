@@ -84,6 +84,7 @@ def run_search(cfg: Any) -> SearchResult:
     import optuna
     from optuna.trial import TrialState
 
+    from astolfo_opt.search.calibration import ObjectiveForm
     from astolfo_opt.search.evaluator import build_evaluator
     from astolfo_opt.search.objective import TrialObjective
     from astolfo_opt.search.pool import resolve_pool
@@ -113,6 +114,15 @@ def run_search(cfg: Any) -> SearchResult:
                  "render": section(cfg, "render", {}) if ev_cfg.get("kind", "pipeline") == "pipeline" else {},
                  "scorer": cfg.get("scorer") if hasattr(cfg, "get") else None}
         evaluator = build_evaluator(str(ev_cfg.get("kind", "pipeline")), space, plain)
+        cal_file = (section(cfg, "objective", {}) or {}).get("calibration")
+        auto_name, calibration = study_name, None
+        if cal_file:
+            from astolfo_opt.search.calibration import CalibratedEvaluator, Calibration
+
+            calibration = Calibration.load(cal_file)
+            evaluator = CalibratedEvaluator(evaluator, calibration)
+            study_name = f"{study_name}+cal-{calibration.hash[:8]}"
+            log.info("objective.calibration=%s: continuing study %s as %s", cal_file, auto_name, study_name)
         log.info("%s", evaluator.describe())
         multi = len(evaluator.directions) > 1
         storage, storage_desc = make_storage(section(cfg, "storage", {}) or {}, run_dir)
@@ -131,10 +141,20 @@ def run_search(cfg: Any) -> SearchResult:
             study.set_user_attr("space", section(cfg, "space", {}) or {})
             study.set_user_attr("pool", {"models": pool.paths, "base": pool.base, "arch": pool.arch, "size": pool.size,
                                          "excluded": pool.excluded, "prediction": pool.prediction})
+            form = getattr(evaluator, "objective", None)
             study.set_user_attr("objective", {"names": evaluator.names, "directions": evaluator.directions,
                                               "scorers": evaluator.scorer_names, "prompt_set_hash": evaluator.prompt_set_hash,
                                               "evaluator": ev_cfg.get("kind", "pipeline"),
-                                              "render_variant": getattr(evaluator, "variant", None)})
+                                              "render_variant": getattr(evaluator, "variant", None),
+                                              "scored_with": getattr(evaluator, "scored_with", "automatic"),
+                                              **(ObjectiveForm.of_objective(form).as_attr() if form is not None else {})})
+            if calibration is not None:
+                study.set_user_attr("calibration", {**calibration.to_json(), "continues": auto_name})
+        if calibration is not None and len(study.trials) == 0:
+            from astolfo_opt.search.calibration import copy_rescored
+
+            k = copy_rescored(optuna.load_study(study_name=auto_name, storage=storage), study, calibration)
+            log.info("re-scored %d trials of %s with the calibrated objective (no rendering)", k, auto_name)
         artifacts = None
         if bool(section(cfg, "artifacts", True)):
             from astolfo_opt.search.artifacts import ArtifactWriter

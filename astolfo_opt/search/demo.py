@@ -34,12 +34,27 @@ def _side_by_side(left: Any, right: Any, title: str) -> Any:
     return canvas
 
 
-def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 30, fresh: bool = True, device: str = "cpu",
-             extra_overrides: list[str] | None = None, world_dir: str | Path = DEMO_WORLD, world_size: str = "demo") -> dict:
+def world_search_config(world: str | Path, out: str | Path, n_trials: int, *, device: str = "cpu", study_name: str = "demo",
+                        extra_overrides: list[str] | None = None) -> Any:
+    """The root search config on a built world (``scorer=world``, its pool without the NaN model), as the demo runs it."""
     from hydra import compose, initialize_config_dir
 
-    from astolfo_opt.checkpoint.writer import atomic_write_bytes, atomic_write_text
     from astolfo_opt.commands.search import conf_dir
+
+    world = Path(world)
+    doc = json.loads((world / "world.json").read_text())
+    nan_models = [n for n, kind in doc["faults"].items() if kind == "nan"]
+    overrides = [
+        "scorer=world", f"world_dir={world}", "pool=demo", f"pool.folder={world / 'pool'}", f"pool.exclude=[{','.join(nan_models)}]",
+        f"study_name={study_name}", f"run_dir={out}", f"n_trials={n_trials}", f"device={device}", *(extra_overrides or []),
+    ]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=study_name):
+        return compose("config", overrides=overrides)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 30, fresh: bool = True, device: str = "cpu",
+             extra_overrides: list[str] | None = None, world_dir: str | Path = DEMO_WORLD, world_size: str = "demo") -> dict:
+    from astolfo_opt.checkpoint.writer import atomic_write_bytes, atomic_write_text
     from astolfo_opt.render.grid import make_grid
     from astolfo_opt.render.pipeline import build_pipeline
     from astolfo_opt.render.prompts import load_prompt_set
@@ -74,12 +89,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 30, fresh: bool 
     shared = [g for g in pool.identical_groups("te0") if len(g) > 1]
     print(f"      te0 groups sharing one inclusion parameter: {shared}; outliers planted (the search is not told): "
           f"{doc['outliers']}")
-    overrides = [
-        "scorer=world", f"world_dir={world}", "pool=demo", f"pool.folder={pool_dir}", f"pool.exclude=[{','.join(nan_models)}]",
-        "study_name=demo", f"run_dir={out}", f"n_trials={n_trials}", f"device={device}", *(extra_overrides or []),
-    ]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="demo"):
-        cfg = compose("config", overrides=overrides)
+    cfg = world_search_config(world, out, n_trials, device=device, extra_overrides=extra_overrides)
     print(f"[3/6] search: {n_trials} trials, sampler {cfg.sampler.name} + pruner {cfg.pruner.name}, scorer=world "
           f"(CLIP tower + aesthetic head) -> {out / 'study.db'}", flush=True)
     res = run_search(cfg)

@@ -75,6 +75,8 @@ class Evaluator:
     prompt_set_name: str | None = None
     #: merge output dtype (export must use the same to reproduce the tensor hash)
     out_dtype: str = "fp16"
+    #: which objective the values are (the dashboard shows it per trial): "automatic", or a calibration's label
+    scored_with: str = "automatic"
 
     def evaluate(self, candidate: Candidate, ctx: TrialContext) -> Iterator[BatchResult]:
         raise NotImplementedError

@@ -10,6 +10,7 @@ User attributes of every trial (what the dashboard and ``export`` read):
 - ``time`` (seconds: merge, render, score, other, total), ``merge`` (changed components, bytes read);
 - ``worker`` (host, pid, process start) and ``heartbeat`` (unix time, refreshed every batch) so a resumed run can
   tell a dead worker's RUNNING trial and mark it FAIL (see ``study.fail_dead_trials``);
+- ``scored_with``: ``automatic`` or the calibration (``objective.calibration``) the value was computed with;
 - ``cached_from`` when the same recipe was already evaluated: its values are reused instead of re-rendering.
 
 A pruned trial keeps its partial ``scores`` / ``per_prompt`` and ``running_values``.
@@ -89,6 +90,7 @@ class TrialObjective:
         self._check_surplus(trial)
         self.numbers.append(trial.number)
         trial.set_user_attr("worker", self.identity)
+        trial.set_user_attr("scored_with", self.evaluator.scored_with)
         trial.set_user_attr("heartbeat", time.time())
         cand = self.space.suggest(trial)
         h = cand.hash
