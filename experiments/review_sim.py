@@ -15,6 +15,7 @@ same endpoint the page posts to. When every grid on screen is equally good to it
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,21 +66,23 @@ class WorldTaste:
         return float(self.focus["factor"]) if c is not None and c.attributes()[self.focus["attribute"]] == self.focus["value"] else 1.0
 
 
-def answer_round(review: Any, taste: Any, tie: float = 1e-9) -> str:
-    """One round through the page's API: mark the worst shown grid, or skip one when the taste cannot tell them apart."""
+def answer_round(review: Any, taste: Any, rng: random.Random, tie: float = 1e-9) -> str:
+    """One round through the page's API: mark the worst shown grid (a tie for worst is broken at random, as a person
+    forced to click one would), or skip one when the taste cannot tell any of them apart."""
     review.refill()
     shown = review.on_screen()
     values = {s["number"]: taste(s["source_trial"]) for s in shown}
-    if max(values.values()) - min(values.values()) <= tie:
+    low = min(values.values())
+    if max(values.values()) - low <= tie:
         victim = max(shown, key=lambda s: s["number"])  # the newest: it has been compared least
         review.api.skip(review.study_id, victim["trial_id"])
         return "skip"
-    worst = min(values, key=lambda n: (values[n], -n))
+    worst = rng.choice(sorted(n for n, v in values.items() if v - low <= tie))
     review.api.choose_worst(review.study_id, list(values), worst)
     return "worst"
 
 
-def rounds_to_beat(review: Any, taste: Any, max_rounds: int = 60) -> dict[str, Any]:
+def rounds_to_beat(review: Any, taste: Any, max_rounds: int = 60, seed: int = 0) -> dict[str, Any]:
     """Answer until the calibrated top-1 beats the automatic top-1 on the taste. Returns the rounds used (``None`` when
     it never did, or when the automatic top-1 is already the taste's best candidate), with the figures."""
     auto = review.candidates[0].number
@@ -89,8 +92,9 @@ def rounds_to_beat(review: Any, taste: Any, max_rounds: int = 60) -> dict[str, A
     if taste(auto) >= best:
         out["reason"] = "the automatic top-1 is already the taste's best candidate"
         return out
+    rng = random.Random(seed)
     for r in range(1, max_rounds + 1):
-        out["skips"] += answer_round(review, taste) == "skip"
+        out["skips"] += answer_round(review, taste, rng) == "skip"
         top = review.ranking(review.calibrate())[0]
         if taste(top) > taste(auto):
             out.update(rounds=r, calibrated_top=top, calibrated_taste=taste(top))

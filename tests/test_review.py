@@ -151,26 +151,32 @@ def test_review_rounds_answers_undo_and_skip_through_the_dashboard_api(tmp_path)
     pref = optuna.load_study(study_name="s+review", storage=url)
     assert all(pref.trials[s["number"]].user_attrs["grid"] for s in shown)
 
-    # an answer: the clicked grid leaves, a challenger (never shown yet) comes in, two pairs are recorded
+    # an answer: the clicked grid leaves and two pairs are recorded; the two survivors never met, so they meet head
+    # to head before any challenger comes in
     worst = shown[0]
     review.api.choose_worst(review.study_id, [s["number"] for s in shown], worst["number"])
     assert worst["number"] not in [s["number"] for s in review.on_screen()]
     assert sorted(review.answers()) == sorted((s["source_trial"], worst["source_trial"]) for s in shown[1:])
-    added = review.refill()
-    assert len(added) == 1 and added[0] not in [s["source_trial"] for s in shown]
+    assert review.refill() == [] and len(review.on_screen()) == 2
+    a, b = review.on_screen()
+    review.api.choose_worst(review.study_id, [a["number"], b["number"]], b["number"])
+    assert (a["source_trial"], b["source_trial"]) in review.answers()
+    added = review.refill()  # the winner stays; two challengers never shown yet come in
+    assert len(added) == 2 and not set(added) & {s["source_trial"] for s in shown}
     assert len(review.on_screen()) == 3
 
-    # undo: the answer's pairs are gone and its grid is back on screen
+    # undo the head-to-head answer: its pair is gone and its grid is back on screen
     hist = review.history()
-    review.api.undo(review.study_id, hist[0]["id"])
-    assert review.answers() == [] and review.rounds()["undone"] == 1
-    assert worst["number"] in [s["number"] for s in review.on_screen()]
+    last = next(h for h in hist if h["clicked"] == b["number"])
+    review.api.undo(review.study_id, last["id"])
+    assert (a["source_trial"], b["source_trial"]) not in review.answers() and review.rounds()["undone"] == 1
+    assert b["number"] in [s["number"] for s in review.on_screen()]
 
     # skip: leaves the screen, records no preference
     screen = review.on_screen()
     review.api.skip(review.study_id, screen[-1]["trial_id"])
-    assert screen[-1]["number"] not in [s["number"] for s in review.on_screen()] and review.answers() == []
-    assert review.rounds() == {"answers": 0, "undone": 1, "skipped": 1}
+    assert screen[-1]["number"] not in [s["number"] for s in review.on_screen()] and len(review.answers()) == 2
+    assert review.rounds() == {"answers": 1, "undone": 1, "skipped": 1}
 
 
 def test_review_refuses_what_it_cannot_review_in_one_line(tmp_path, capsys):
@@ -227,7 +233,8 @@ def world_study(demo_world, tmp_path_factory):
     from astolfo_opt.search.demo import world_search_config
 
     out = tmp_path_factory.mktemp("review-study")
-    run_search(world_search_config(demo_world, out, 24, study_name="w", extra_overrides=["progress=false"]))
+    # as bench_review.py's reporting seed 0 (TPE: its studies differ per seed; the default surrogate's share many trials)
+    run_search(world_search_config(demo_world, out, 30, study_name="w", extra_overrides=["progress=false", "sampler=tpe", "seed=0"]))
     return out
 
 
@@ -267,9 +274,9 @@ def test_search_continues_with_a_calibration_rescoring_earlier_trials(demo_world
 
 @pytest.mark.slow
 def test_simulated_reviewer_beats_the_automatic_top1_within_30_answers(demo_world, world_study, tmp_path):
-    """Hidden tastes the objective does not know (attribute weightings of the judge): the median number of rounds until
-    the calibrated top-1 is better on the taste is <= 30, over the tastes where the automatic top-1 is not already
-    the best candidate (at least one must be such)."""
+    """Hidden tastes the objective does not know (the judge through attribute weights or a colour / background focus):
+    the median number of rounds until the calibrated top-1 is better on the taste is <= 30 (cap 40), over the tastes
+    where the automatic top-1 is not already the best candidate (at least 3 must be such)."""
     sim = _sim()
     url = f"sqlite:///{world_study / 'study.db'}"
     study = optuna.load_study(study_name="w", storage=url)
@@ -281,7 +288,7 @@ def test_simulated_reviewer_beats_the_automatic_top1_within_30_answers(demo_worl
         res = sim.rounds_to_beat(Review(url, "w", top=8, show=3), sim.WorldTaste(judged, h["weights"], h.get("focus")), 40)
         results.append((name, res))
     beatable = [r for _, r in results if "already" not in r.get("reason", "")]
-    assert beatable, results
+    assert len(beatable) >= 3, results
     rounds = [r["rounds"] if r["rounds"] is not None else 41 for r in beatable]
     assert statistics.median(rounds) <= 30, results
 
@@ -346,19 +353,16 @@ def test_browser_sees_the_grids_clicks_worst_and_the_answer_is_stored(world_stud
         worst = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip().lower() == "worst"]
         assert len(worst) == 3, [b.text for b in driver.find_elements(By.TAG_NAME, "button")]
         worst[0].click()
-        for _ in range(100):
-            if review.answers():
+        for _ in range(100):  # the page's POST writes the pairs, then the history entry
+            if review.answers() and review.history():
                 break
             time.sleep(0.1)
         assert len(review.answers()) == 2  # worst of 3: two (better, worse) pairs
         clicked = review.history()[0]["clicked"]
         assert clicked in before
-        for _ in range(100):  # the refill loop puts a challenger on the page
-            now = {s["number"] for s in review.on_screen()}
-            if len(now) == 3 and now != before - {clicked}:
-                break
-            time.sleep(0.1)
-        assert len(now) == 3 and clicked not in now
+        driver.refresh()  # the two survivors, head to head (they never met): exactly two grids, both loaded
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(loaded) == 2)
+        assert {s["number"] for s in review.on_screen()} == before - {clicked}
     finally:
         if driver is not None:
             driver.quit()

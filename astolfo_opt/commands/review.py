@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"review: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     threading.Thread(target=loop, daemon=True, name="review-refill").start()
-    url = f"http://{args.host}:{args.port}/dashboard/studies/{review.study_id}/preference"
+    url = f"http://{args.host}:{args.port}/dashboard/studies/{review.study_id}"
     print(f"review of {args.study}: {len(review.candidates)} candidates, {args.show} per round. Open {url} and mark the "
           f"worst grid each round (Ctrl-C stops; {out} holds the latest calibration)", flush=True)
     try:

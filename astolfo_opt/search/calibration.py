@@ -34,7 +34,7 @@ from typing import Any
 from astolfo_opt.errors import ConfigError
 
 FORMAT = "astolfo-opt/calibration-v1"
-DEFAULT_PRIOR = 4.0
+DEFAULT_PRIOR = 0.1
 
 
 @dataclass(frozen=True)

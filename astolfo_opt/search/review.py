@@ -8,9 +8,11 @@ How it maps onto optuna-dashboard (``optuna_dashboard.preferential``):
   that trial's image grid, title bar cut off so the person judges the pictures, not the objective value printed on
   them). The feedback component is that artifact, so the page shows grids.
 - The page shows every RUNNING / COMPLETE review trial that was neither marked worst (in a history entry not undone)
-  nor skipped. :meth:`Review.refill` keeps ``show`` of them on screen: after each answer the two survivors stay and a
-  challenger comes in, the candidate shown least so far (ties: the best under the current calibration), so the
-  leaders meet every challenger and a "worst" click always compares like with like.
+  nor skipped. :meth:`Review.refill` keeps ``show`` of them on screen: the survivors of an answer stay and challengers
+  come in, the candidates shown least so far (ties: the best under the current calibration). One exception: "mark
+  the worst of three" never says which of the two survivors is better, and the two best candidates would survive
+  together forever without ever being compared. So when two grids that never met directly are left on the page,
+  the next round is just those two, head to head.
 - Candidates are the top ``top`` finished trials by the study's objective, near-duplicates folded: a trial whose
   objective on every prompt is within ``fold`` (default 0.05) of a better candidate's renders pictures a person
   cannot tell apart (on the demo world: the same MBW recipe at alpha 0.19 vs 0.20 differs by 0.01-0.04, a different
@@ -209,8 +211,14 @@ class Review:
         return counts
 
     def refill(self) -> list[int]:
-        """Add review trials until ``show`` are on screen; returns the searched trials added."""
+        """Add review trials until ``show`` are on screen, except when the page shows exactly two grids that were
+        never compared directly: then they meet head to head first. Returns the searched trials added."""
         screen = {s["source_trial"] for s in self.on_screen()}
+        if len(screen) == 2 and len(self.candidates) > 2:
+            a, b = screen
+            met = {frozenset(p) for p in self.answers()}
+            if frozenset((a, b)) not in met:
+                return []
         seen = self.times_shown()
         rank = {n: i for i, n in enumerate(self.ranking(self.calibration))}
         added = []
