@@ -268,6 +268,9 @@ def test_search_continues_with_a_calibration_rescoring_earlier_trials(demo_world
         if t.state.name == "COMPLETE" and "cached_from" not in t.user_attrs:
             assert t.value == pytest.approx(cal.value(t.user_attrs["per_prompt"]))
     assert dst.metric_names == [f"objective[{cal.hash[:8]}]"]
+    # reviewing the calibrated study starts from its calibration: no new answers, the same weights
+    again = Review(url, res.study_name, top=6, show=3)
+    assert again.calibration.prompt_weights == cal.prompt_weights
     assert dst.user_attrs["calibration"]["continues"] == "w"
     assert src.trials[0].user_attrs["scored_with"] == "automatic"
 

@@ -15,8 +15,8 @@ How it maps onto optuna-dashboard (``optuna_dashboard.preferential``):
   the next round is just those two, head to head.
 - Candidates are the top ``top`` finished trials by the study's objective, near-duplicates folded: a trial whose
   objective on every prompt is within ``fold`` (default 0.05) of a better candidate's renders pictures a person
-  cannot tell apart (on the demo world: the same MBW recipe at alpha 0.19 vs 0.20 differs by 0.01-0.04, a different
-  inclusion set by 0.1 or more), and asking someone to tell them apart wastes a click.
+  cannot tell apart (typically the same inclusion set at a slightly different alpha), and asking someone to tell
+  them apart wastes a click.
 
 Answers are read back as (better, worse) pairs of searched trials from the dashboard's own records (undo and skip
 included) by :meth:`Review.answers`, and :meth:`Review.calibrate` fits the calibration. :class:`DashboardAPI` calls

@@ -384,19 +384,19 @@ def load_world(out: str | Path, *, verify: bool = True) -> dict[str, Any]:
     return doc
 
 
-def world_scorer_config(out: str | Path) -> dict[str, Any]:
-    """The objective config (``scorers`` / ``weights`` / ``normalisation``) of a built world, as conf/scorer/world.yaml."""
-    out = Path(out)
-    return {
-        "scorers": {
-            "clip": {"_target_": "scorers.clip_similarity.ClipSimilarity", "model": "astolfo-world-clip",
-                     "pretrained": str(out / "scorer" / "tower.safetensors"),
-                     "model_config": str(out / "scorer" / "astolfo-world-clip.json"), "convention": "cosine", "device": "cpu"},
-            "aesthetic": {"_target_": "scorers.laion_aesthetic.LaionAesthetic", "head": str(out / "scorer" / "aesthetic_head.pth"),
-                          "model": "astolfo-world-clip", "pretrained": str(out / "scorer" / "tower.safetensors"),
-                          "model_config": str(out / "scorer" / "astolfo-world-clip.json"), "device": "cpu"},
-        },
-        "weights": {"clip": 1.0, "aesthetic": 1.0},
-        "normalisation": {"clip": {"kind": "minmax", "low": 0.0, "high": 1.0}, "aesthetic": {"kind": "minmax", "low": 2.5, "high": 7.5}},
-        "multi": False, "holdout": {},
-    }
+def world_scorer_config(out: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """The objective config of a built world: ``conf/scorer/world.yaml`` composed with ``world_dir=OUT`` (so the
+    world's objective is written once, where ``scorer=world`` reads it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from astolfo_opt.commands.search import conf_dir
+
+    overrides = ["scorer=world", f"world_dir={Path(out)}", f"device={device}"]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app or another compose: reuse its config search path
+        cfg = compose("config", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="world"):
+            cfg = compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg.scorer, resolve=True)

@@ -46,7 +46,7 @@ def train_judge(folder: Path, sample: Callable[[torch.Generator, int], tuple[tor
 
     from safetensors.torch import save_file
 
-    from astolfo_opt.world.scorer import _jitter, degrade
+    from astolfo_opt.world.scorer import degrade, jitter
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -58,7 +58,7 @@ def train_judge(folder: Path, sample: Callable[[torch.Generator, int], tuple[tor
         latents, concepts = sample(g, batch_size)
         q = batch_size // 4  # a quarter mildly degraded: renders of merges are not clean either
         bad, _ = degrade(latents[:q], g)
-        lat = torch.cat([latents[:q] + 0.4 * (bad - latents[:q]), _jitter(latents[q:], g, 0.25)])
+        lat = torch.cat([latents[:q] + 0.4 * (bad - latents[:q]), jitter(latents[q:], g, 0.25)])
         labels = torch.tensor([c.labels() for c in concepts])
         out = net(V.decode(lat).clamp(-1, 1))
         loss = sum(F.cross_entropy(out[a], labels[:, i]) for i, a in enumerate(ATTRIBUTES))

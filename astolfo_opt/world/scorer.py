@@ -69,7 +69,7 @@ def degrade(latents: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, to
     return out, sev
 
 
-def _jitter(latents: torch.Tensor, g: torch.Generator, scale: float = 0.15) -> torch.Tensor:
+def jitter(latents: torch.Tensor, g: torch.Generator, scale: float = 0.15) -> torch.Tensor:
     """Mild render-like noise, so the tower and judge see what an imperfect model draws."""
     noise = scale * V.LATENT_GAIN * torch.rand(latents.shape[0], 1, 1, 1, generator=g) * torch.randn(latents.shape, generator=g)
     noise[:, 3:] = 0
@@ -113,7 +113,7 @@ def train_tower(folder: Path, sample: Callable[[torch.Generator, int], tuple[tor
     losses = []
     for i in range(steps):
         latents, prompts = sample(g, batch_size)
-        imgs = preprocess(V.decode(_jitter(latents, g)))
+        imgs = preprocess(V.decode(jitter(latents, g)))
         uniq = list(dict.fromkeys(prompts))
         for p in uniq:
             if p not in token_cache:
@@ -166,7 +166,7 @@ def train_head(folder: Path, tower: object, sample: Callable[[torch.Generator, i
         latents, _ = sample(g, batch_size)
         half = batch_size // 2
         bad, sev = degrade(latents[half:], g)
-        lat = torch.cat([_jitter(latents[:half], g, 0.08), bad])
+        lat = torch.cat([jitter(latents[:half], g, 0.08), bad])
         target = torch.cat([torch.full((half,), 7.5), 7.5 - 5.0 * sev])
         with torch.no_grad():
             emb = F.normalize(model.encode_image(preprocess(V.decode(lat))).float(), dim=-1)
