@@ -138,5 +138,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_trials: int = 30, fresh: bool 
           f"{summary['best_judge_accuracy']:.3f} -> {out / 'summary.json'}")
     print(f"      side by side: {out / 'uniform_vs_best.png'}; every trial's grid: {out / 'artifacts'} "
           f"(astolfo-opt dashboard --storage {storage} --artifacts {out / 'artifacts'})")
+    print(f"      correct the objective by eye: astolfo-opt review --storage {storage} --study demo "
+          f"(mark the worst of three grids; then search ... objective.calibration={out / 'calibration.json'})")
     print(f"demo finished in {seconds:.0f}s")
     return {"result": res, "export": exp, "summary": summary, "seconds": seconds}
