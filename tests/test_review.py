@@ -226,6 +226,23 @@ def test_rescoring_with_a_calibration_reproduces_or_changes_values_without_rende
         assert t.value == pytest.approx(moved.value(t.user_attrs["per_prompt"]))
 
 
+def test_search_with_a_calibration_it_cannot_continue_is_one_line(tiny_pools, tmp_path, capsys):
+    pool = tiny_pools["sd1"]
+
+    def search(cal: Calibration) -> tuple[int, str]:
+        path = cal.save(tmp_path / "cal.json")
+        rc = main(["search", "evaluator.kind=synthetic", f"pool.folder={pool.folder}", f"pool.base={pool.base}", "space=inclusion",
+                   f"run_dir={tmp_path / 'run'}", "study_name=other", "progress=false", f"objective.calibration={path}"])
+        return rc, capsys.readouterr().err
+
+    rc, err = search(fit(FORM, _features(random.Random(2), 3), [], source={"study": "mix1"}))
+    assert rc == 2 and "fitted on scorers ['clip', 'aesthetic'], the objective has ['synthetic']" in err, err
+    synthetic = ObjectiveForm(("synthetic",), {"synthetic": 1.0}, {"synthetic": 1.0}, {"synthetic": {"kind": "none"}})
+    rc, err = search(fit(synthetic, {0: {"p": {"synthetic": 0.5}}}, [], source={"study": "mix1"}))
+    assert rc == 2 and "no study 'other'" in err and "fitted on study 'mix1'" in err, err
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'run' / 'study.db'}") == []  # nothing was created
+
+
 # ------------------------------------------------------------------------------------------------ on the world (slow)
 @pytest.fixture(scope="module")
 def world_study(demo_world, tmp_path_factory):

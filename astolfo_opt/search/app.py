@@ -126,6 +126,12 @@ def run_search(cfg: Any) -> SearchResult:
         log.info("%s", evaluator.describe())
         multi = len(evaluator.directions) > 1
         storage, storage_desc = make_storage(section(cfg, "storage", {}) or {}, run_dir)
+        if calibration is not None:  # the study it continues must exist, before anything is created
+            try:
+                src = optuna.load_study(study_name=auto_name, storage=storage)
+            except KeyError:
+                raise ConfigError(f"objective.calibration continues a study, and there is no study {auto_name!r} in {storage_desc} "
+                                  f"(the calibration was fitted on study {calibration.source.get('study')!r}: set study_name)") from None
         strategy = str((section(cfg, "strategy", {}) or {}).get("name", "optuna"))
         sampler_cfg = section(cfg, "sampler", {}) or {}
         sampler = make_sampler(sampler_cfg, seed, multi=multi, constraints=space.min_models > 1)
@@ -153,7 +159,7 @@ def run_search(cfg: Any) -> SearchResult:
         if calibration is not None and len(study.trials) == 0:
             from astolfo_opt.search.calibration import copy_rescored
 
-            k = copy_rescored(optuna.load_study(study_name=auto_name, storage=storage), study, calibration)
+            k = copy_rescored(src, study, calibration)
             log.info("re-scored %d trials of %s with the calibrated objective (no rendering)", k, auto_name)
         artifacts = None
         if bool(section(cfg, "artifacts", True)):
