@@ -2,6 +2,8 @@
 
 * ``tiny_pools``: one tiny pool per architecture (``sd1``, ``sd2``, ``sdxl``), written once per session by the
   factory: ``base.safetensors`` + ``m00..m02`` (healthy fp16 finetunes of that base). Treat them as read-only.
+* ``experiment``: ``experiment("bench_search")`` loads ``experiments/bench_search.py`` as a module (benchmark code
+  lives outside the package; its tests call its functions).
 * The whole session runs with ``ASTOLFO_OPT_CACHE`` pointing into a temp folder, so tests never read or write the
   user's real cache (tests that need a fresh cache still set their own with ``monkeypatch.setenv``).
 """
@@ -80,3 +82,23 @@ def demo_world(tmp_path_factory):
     out = Path(cached) if cached else tmp_path_factory.mktemp("demo-world") / "world"
     build_world(out, BuildParams(size="demo"), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def experiment():
+    """``experiment(name)`` -> ``experiments/<name>.py`` executed as module ``name`` and registered in ``sys.modules``
+    (dataclasses look their module up, and the scripts import each other by name). Each call executes it afresh."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        return mod
+
+    return load

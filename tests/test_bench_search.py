@@ -4,7 +4,6 @@ benchmark script runs every strategy through the real search code and writes val
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -26,14 +25,6 @@ from astolfo_opt.search.oracle import (
 from astolfo_opt.search.strategies import StagedSampler, staged_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "experiments" / "bench_search.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_search"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 @pytest.fixture(scope="session")
@@ -155,8 +146,8 @@ def test_staged_sampler_optimises_a_separable_toy():
     assert float(np.median(bests)) > -0.02 and found >= 4, (bests, found)
 
 
-def test_bench_smoke(tmp_path, bench_dir, bench_setup):
-    bench = _bench_module()
+def test_bench_smoke(tmp_path, bench_dir, bench_setup, experiment):
+    bench = experiment("bench_search")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     rc = bench.main(["--seed", "0", "--models", "4", "--trials", "6", "--repeats", "1", "--workdir", str(bench_dir),
                      "--json", str(out_json), "--png", str(out_png)])
@@ -174,8 +165,8 @@ def test_bench_smoke(tmp_path, bench_dir, bench_setup):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_pruning_mode_and_bad_input(tmp_path, capsys, bench_dir, bench_setup):
-    bench = _bench_module()
+def test_bench_pruning_mode_and_bad_input(tmp_path, capsys, bench_dir, bench_setup, experiment):
+    bench = experiment("bench_search")
     out = tmp_path / "p.json"
     rc = bench.main(["--mode", "pruning", "--seed", "0", "--models", "4", "--trials", "8", "--prompts", "4",
                      "--pruners", "none,incumbent", "--workdir", str(bench_dir), "--json", str(out)])
@@ -190,15 +181,13 @@ def test_bench_pruning_mode_and_bad_input(tmp_path, capsys, bench_dir, bench_set
     assert "unknown" in capsys.readouterr().err
 
 
-def test_bound_learner_geometry_and_output(tmp_path, bench_dir):
+def test_bound_learner_geometry_and_output(tmp_path, bench_dir, experiment):
     """experiments/bench_search_bound.py: with the bits exact, s depends only on the block alphas through the
     oracle's own Gram matrices (checked against the oracle itself), the ceilings grow with the blocks set exactly,
     and without noise the learner closes in on the target."""
 
-    spec = importlib.util.spec_from_file_location("bench_search_bound", ROOT / "experiments" / "bench_search_bound.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    _bench_module()  # the bound imports bench_search.setup
+    mod = experiment("bench_search_bound")
+    experiment("bench_search")  # the bound imports bench_search.setup
     g, target, norm = mod.block_geometry(0, 4, bench_dir)
     assert len(g) == 25 and (g > 0).all() and mod.s_of(target, g, target, norm) == 1.0
     # the closed form agrees with the oracle on a recipe with the target's bits and other alphas

@@ -64,16 +64,11 @@ def test_without_cuda_one_line_and_exit_zero(tmp_path):
     assert not out.exists() and not (tmp_path / "w").exists()  # nothing measured, nothing written
 
 
-def test_stage_runner_budget_timeouts_and_json(tmp_path):
+def test_stage_runner_budget_timeouts_and_json(tmp_path, experiment):
     """The orchestration a GPU run depends on, run on CPU with stand-in stages: figures come back from a stage's JSON,
     a stage past its time-out is killed with its whole process group, a stage the budget no longer fits is skipped,
     and the JSON is complete after the run."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gc = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = gc  # dataclasses look their module up
-    spec.loader.exec_module(gc)  # type: ignore[union-attr]
+    gc = experiment("gpu_check")
     py = sys.executable
     child = tmp_path / "grandchild.pid"
     figures = tmp_path / "ok.json"

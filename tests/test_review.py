@@ -5,7 +5,6 @@ are at the end (slow)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -29,14 +28,6 @@ from astolfo_opt.search.review import Review, untitled_grid
 FORM = ObjectiveForm(("clip", "aesthetic"), {"clip": 1.0, "aesthetic": 1.0}, {"clip": 1.0, "aesthetic": 1.0},
                      {"clip": {"kind": "minmax", "low": 0.0, "high": 1.0}, "aesthetic": {"kind": "minmax", "low": 2.5, "high": 7.5}})
 PROMPTS = [f"a {c} square on black" for c in ("red", "green", "blue", "yellow")]
-
-
-def _sim():
-    spec = importlib.util.spec_from_file_location("review_sim", Path(__file__).parents[1] / "experiments" / "review_sim.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["review_sim"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------------------------------------ the fit alone
@@ -293,11 +284,11 @@ def test_search_continues_with_a_calibration_rescoring_earlier_trials(demo_world
 
 
 @pytest.mark.slow
-def test_simulated_reviewer_beats_the_automatic_top1_within_30_answers(demo_world, world_study, tmp_path):
+def test_simulated_reviewer_beats_the_automatic_top1_within_30_answers(demo_world, world_study, experiment):
     """Hidden tastes the objective does not know (the judge through attribute weights or a colour / background focus):
     the median number of rounds until the calibrated top-1 is better on the taste is <= 30 (cap 40), over the tastes
     where the automatic top-1 is not already the best candidate (at least 3 must be such)."""
-    sim = _sim()
+    sim = experiment("review_sim")
     url = f"sqlite:///{world_study / 'study.db'}"
     study = optuna.load_study(study_name="w", storage=url)
     results = []

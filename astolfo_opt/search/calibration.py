@@ -215,11 +215,12 @@ def fit(form: ObjectiveForm, features: Mapping[int, Mapping[str, Mapping[str, fl
 def rescore_rows(cal: Calibration, rows: Sequence[Mapping[str, Any]], steps: Iterable[int] = ()) -> tuple[float, dict[int, float]]:
     """(final value, running value at each of ``steps``) of a trial's stored rows under a calibration: the values a
     calibrated evaluator would have reported, without rendering again."""
-    inter = {}
-    for s in steps:
-        if 0 < int(s) <= len(rows):
-            inter[int(s)] = cal.value(rows[: int(s)])
-    return cal.value(rows), inter
+    vals = [cal.row_value(r) for r in rows]
+
+    def mean(k: int) -> float:
+        return sum(vals[:k]) / k if k else float("nan")
+
+    return mean(len(vals)), {int(s): mean(int(s)) for s in steps if 0 < int(s) <= len(vals)}
 
 
 class CalibratedEvaluator:
