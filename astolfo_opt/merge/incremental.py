@@ -1,13 +1,14 @@
 """Incremental merges for the trial loop: a recipe that differs from the previous one by k models reads k models.
 
-For a ``weighted_average`` component (the ensemble, with or without an MBW anchor) the merger keeps, per key, the
-fp32 running sum ``S = Σ wᵢθᵢ`` and the weight total ``W`` of the included members, plus the anchor's tensor. A new
-recipe changes some (model, block) weights by Δ: only those models are read, only for keys of those blocks, and
-``S += Δ·θ``. The output is ``θ_b = (1-α_b)·anchor + α_b·S/W``, so an α change reads nothing. Other methods
-(weighted_sum, add_difference, copy: the pairwise AutoMBW space) cache their members' tensors, so α changes are free
-too. Components whose recipe did not change are not emitted at all. Caches live on the merge device (host RAM or
-GPU) within ``budget_bytes``; a component that does not fit is merged from scratch. Sums are rebuilt from scratch
-every ``refresh_every`` updates, bounding fp32 drift.
+For a component whose method is a normalised linear form (``weighted_average``: the ensemble, with or without an MBW
+anchor; coefficients from the merge-method registry) the merger keeps, per key, the fp32 running sum ``S = Σ wᵢθᵢ``
+and the weight total ``W`` of the included members, plus the anchor's tensor. A new recipe changes some (model,
+block) weights by Δ: only those models are read, only for keys of those blocks, and ``S += Δ·θ``. The output is
+``θ_b = (1-α_b)·anchor + α_b·S/W``, so an α change reads nothing. Other methods (weighted_sum, add_difference, copy:
+the pairwise AutoMBW space; TIES, DARE, geometric median) cache their members' tensors, so α and parameter changes
+read nothing. Components whose recipe did not change are not emitted at all. Caches live on the merge device (host
+RAM or GPU) within ``budget_bytes``; a component that does not fit is merged from scratch. Sums are rebuilt from
+scratch every ``refresh_every`` updates, bounding fp32 drift.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class IncrementalMerger:
         if state is None:
             state = self._state[comp] = _CompState(hash="", models_key=self._models_key or ())
         keys = [pt for pt in plan if not pt.key.endswith("position_ids")]
-        if cr is not None and cr.method == "weighted_average":
+        if cr is not None and cr.spec.linear and keys and cr.form(block_of(kc.models.arch, keys[0].key)).normalise:
             need = sum(_numel(pt.shape) for pt in keys) * 4 * (2 if cr.anchor else 1)
             have = state.ensemble.nbytes if state.ensemble else 0
             if self.used_bytes() - have + need <= self.budget_bytes:
@@ -175,9 +176,9 @@ class IncrementalMerger:
         new_w = {}
         blocks = {pt.key: block_of(arch, pt.key, recipe.time_embed_block) for pt in keys}
         names = sorted({m.model for m in cr.members} | {m for m, _ in ens.weights})
-        for b in set(blocks.values()):
-            for m in names:
-                w = cr.weight_for(m, b) if any(x.model == m for x in cr.members) else 0.0
+        forms = {b: cr.form(b) for b in set(blocks.values())}  # the registry's coefficients, per block
+        for b, form in forms.items():
+            for m, w in form.terms:
                 if w:
                     new_w[(m, b)] = w
         delta = {mb: new_w.get(mb, 0.0) - ens.weights.get(mb, 0.0) for mb in set(new_w) | set(ens.weights)}
@@ -241,7 +242,7 @@ class IncrementalMerger:
                         ens.nbytes += s.numel() * 4
                 adds.append((t, d))
                 total += d
-            a = cr.alpha_for(block) if cr.anchor is not None else 1.0
+            a = forms[block].mix if cr.anchor is not None else 1.0
             if s is not None and abs(total) >= 1e-12:
                 anc = anchor_of(key) if a != 1.0 else None
                 scale, weight = (a / total, 1.0 - a) if anc is not None else (1.0 / total, 0.0)
@@ -273,11 +274,14 @@ class IncrementalMerger:
         return lambda pt: kc.compute(pt.key, pt.component) if pt.key.endswith("position_ids") else compute(pt)
 
     def _cached_members(self, cr: ComponentRecipe, kc: KeyComputer):
-        """weighted_sum / add_difference / copy: keep members' tensors so α changes read nothing."""
+        """Fixed-slot and non-linear methods (weighted_sum, add_difference, copy, TIES, ...): keep members' tensors
+        (within the budget) so α or parameter changes read nothing."""
         raw, merger = self._raw, self
         original_load = kc.load
 
-        def cached_load(model: str, key: str) -> torch.Tensor | None:
+        def cached_load(model: str, key: str, transient: bool = False, mapped: bool = False) -> torch.Tensor | None:
+            if transient or mapped:  # a thread's scratch buffer or a file view: never kept
+                return original_load(model, key, transient=transient, mapped=mapped)
             hit = raw.get((model, key))
             if hit is not None:
                 return hit

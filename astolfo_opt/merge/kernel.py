@@ -43,6 +43,7 @@ from astolfo_opt.checkpoint.layout import (
 )
 from astolfo_opt.checkpoint.prediction import MARKER_KEYS, Prediction, effective_prediction, pool_prediction, prediction_of
 from astolfo_opt.errors import CheckpointError, ConfigError, NonFiniteError
+from astolfo_opt.merge.methods import Inputs, Linear, MergeMethod
 from astolfo_opt.merge.recipe import ComponentRecipe, Recipe
 
 log = logging.getLogger(__name__)
@@ -403,16 +404,15 @@ class KeyComputer:
             return acc.mul_(scale) if scale != 1.0 else acc
         return narrow(acc, scale, out_dtype)
 
-    def weighted_average(self, cr: ComponentRecipe, key: str, block: str, skip: frozenset[str] = frozenset(),
-                         reuse: bool = False) -> tuple[torch.Tensor | None, float]:
-        """``(Σ wᵢθᵢ / w₀, Σ wᵢ / w₀)`` over the members that have ``key``: the first member seeds the accumulator
-        with a plain widening copy (no zero fill, no multiply), later ones are added in place with ``α = wᵢ/w₀``."""
+    def normalised_sum(self, form: Linear, key: str, skip: frozenset[str] = frozenset(),
+                       reuse: bool = False) -> tuple[torch.Tensor | None, float]:
+        """``(Σ wᵢθᵢ / w₀, Σ wᵢ / w₀)`` over the terms that have ``key``: the first term seeds the accumulator with a
+        plain widening copy (no zero fill, no multiply), later ones are added in place with ``α = wᵢ/w₀``."""
         acc, total, w0 = None, 0.0, 1.0
-        for m in cr.members:
-            w = cr.weight_for(m.model, block)
-            if w == 0.0 or m.model in skip:
+        for model, w in form.terms:
+            if w == 0.0 or model in skip:
                 continue
-            t = self.load(m.model, key, transient=True)
+            t = self.load(model, key, transient=True)
             if t is None:
                 continue  # pruned member: dropped for this key, the others renormalised
             if acc is None:
@@ -433,44 +433,109 @@ class KeyComputer:
         if cr is None:
             base = self._from_base(key, skip)
             return None if base is None else self._finish(base, 1.0, out_dtype)
-        if cr.method == "weighted_average":
+        method = cr.spec
+        if not method.linear:
+            return self._tensor_method(method, cr, key, block, skip, out_dtype)
+        form = cr.form(block)
+        if form.normalise:
             reuse = out_dtype is not None and out_dtype != self.acc_dtype and out_dtype.is_floating_point
-            acc, total = self.weighted_average(cr, key, block, skip, reuse)
+            acc, total = self.normalised_sum(form, key, skip, reuse)
             if acc is None or total == 0.0:
                 acc, total = self._from_base(key, skip), 1.0  # pruned in every member: the base stands in
                 if acc is None:
                     return None
-            a = cr.alpha_for(block) if cr.anchor is not None else 1.0
+            a = form.mix if form.anchor is not None else 1.0
             if a != 1.0:
-                anchor = None if cr.anchor in skip else self.load(cr.anchor, key)
+                anchor = None if form.anchor in skip else self.load(form.anchor, key)
                 if anchor is None:
                     anchor = self._from_base(key, skip)
                 if anchor is not None:
                     return self._finish(add_into(acc.mul_(a / total), anchor, 1.0 - a), 1.0, out_dtype)
             return self._finish(acc, 1.0 / total, out_dtype)
         ts = []
-        for m in cr.members:
-            if m.model in skip:  # a fixed slot (A, B, C) has no substitute: say which model to repair
-                bad = self.load(m.model, key)
-                raise NonFiniteError(m.model, key, int((~torch.isfinite(bad)).sum()) if bad is not None else 0)
-            t = self.load(m.model, key)
+        for model, w in form.terms:
+            if model in skip:  # a fixed slot (A, B, C) has no substitute: say which model to repair
+                bad = self.load(model, key)
+                raise NonFiniteError(model, key, int((~torch.isfinite(bad)).sum()) if bad is not None else 0)
+            t = self.load(model, key)
             if t is None:
                 t = self._from_base(key, skip)
                 if t is None:
                     return None
-            ts.append(t)
-        a = cr.alpha_for(block)
-        if cr.method == "copy":
-            out = ts[0].to(self.acc_dtype)
-        elif cr.method == "weighted_sum":
-            out = add_into(ts[0].to(self.acc_dtype, copy=True).mul_(1.0 - a), ts[1], a)
-        else:  # add_difference: A + α (B - C)
-            out = add_into(add_into(ts[0].to(self.acc_dtype, copy=True), ts[1], a), ts[2], -a)
+            ts.append((t, w))
+        (first, c0), rest = ts[0], ts[1:]
+        if not rest:
+            out = first.to(self.acc_dtype) if c0 == 1.0 else first.to(self.acc_dtype, copy=True).mul_(c0)
+        else:
+            out = first.to(self.acc_dtype, copy=True)
+            if c0 != 1.0:
+                out.mul_(c0)
+            for t, w in rest:
+                add_into(out, t, w)
         return self._finish(out, 1.0, out_dtype)
 
-    # kept for the incremental merger, which combines cached sums itself
-    def compute_component(self, cr: ComponentRecipe, key: str, block: str) -> torch.Tensor | None:
-        return self._combine(cr, key, block, frozenset(), None)
+    def _tensor_method(self, method: MergeMethod, cr: ComponentRecipe, key: str, block: str, skip: frozenset[str],
+                       out_dtype: torch.dtype | None) -> torch.Tensor | None:
+        """A non-linear method on this key: members that lack the key (pruned) or were dropped by the NaN policy are
+        left out; with none left the base stands in. A method that needs a base takes the anchor (else the recipe's
+        base); where that lacks the key, the members' plain mean stands in for this key."""
+        present = [(x.model, cr.weight_for(x.model, block)) for x in cr.members
+                   if x.model not in skip and self.models.has(x.model, key)]
+        if not present:
+            base = self._from_base(key, skip)
+            return None if base is None else self._finish(base, 1.0, out_dtype)
+        ref = None
+        if method.needs_base:
+            name = cr.anchor or self.recipe.base
+            if name in skip:
+                bad = self.load(name, key)  # type: ignore[arg-type]
+                raise NonFiniteError(name, key, int((~torch.isfinite(bad)).sum()) if bad is not None else 0)  # type: ignore[arg-type]
+            ref = self.load(name, key) if name else None  # type: ignore[arg-type]
+            if ref is None:
+                log.debug("%s: %s lacks %s; the members' mean stands in", cr.method, name, key)
+                form = Linear(tuple((m, 1.0) for m, _ in present), normalise=True)
+                acc, total = self.normalised_sum(form, key, skip)
+                return self._finish(acc, 1.0 / total, out_dtype)  # type: ignore[arg-type]
+            ref = ref.to(self.acc_dtype)
+            if not _all_finite(ref):
+                raise NonFiniteError(name, key, int((~torch.isfinite(ref)).sum()))  # type: ignore[arg-type]
+        members = _LoadedMembers(self, [m for m, _ in present], key)
+        try:
+            out = method.apply(Inputs(members, ref, [w for _, w in present], cr.alpha_for(block), cr.params))
+        except _Dropped as e:  # a member held NaN/Inf and the policy drops it: again without it
+            return self._tensor_method(method, cr, key, block, skip | {e.model}, out_dtype)
+        return self._finish(out, 1.0, out_dtype)
+
+
+class _Dropped(Exception):
+    """A member's tensor held NaN/Inf and ``nan_policy: drop_model`` leaves it out of this key."""
+
+    def __init__(self, model: str):
+        super().__init__(model)
+        self.model = model
+
+
+class _LoadedMembers:
+    """The :class:`~astolfo_opt.merge.methods.registry.Members` of one key: each access reads the file again (into
+    a fresh tensor in the accumulation dtype), so a two-pass method holds one member at a time. Each tensor is checked
+    for NaN/Inf as it is read (one reduction): a non-linear method can hide a NaN (TIES' masks multiply it by zero,
+    its mean maps 0/0 to 0), so the result check that the linear path relies on would not see it."""
+
+    def __init__(self, kc: KeyComputer, names: list[str], key: str):
+        self.kc, self.names, self.key = kc, names, key
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        name = self.names[i]
+        t = self.kc.load(name, self.key).to(self.kc.acc_dtype)  # type: ignore[union-attr]
+        if not self.kc.finite_or_policy(name, self.key, t):  # raises under nan_policy: error
+            raise _Dropped(name)
+        return t
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self.names)))
 
 
 _CHUNK = 1 << 20  # elements: a 4 MiB fp32 slice stays in cache between the widening copy and the add

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from astolfo_opt.errors import ConfigError
+from astolfo_opt.merge.methods import Linear, MergeMethod, get_method, method_names
 
-METHODS = ("weighted_average", "weighted_sum", "add_difference", "copy")
 NAN_POLICIES = ("error", "drop_model")
 COMPONENTS = ("unet", "te0", "te1", "vae")
 
@@ -30,14 +30,11 @@ class Member:
 
 @dataclass
 class ComponentRecipe:
-    """How one component is built.
-
-    - ``weighted_average``: ``Σ wᵢθᵢ / Σ wᵢ`` over ``members`` (the uniform / ensemble merge). With ``anchor`` and
-      ``alpha`` it is the anchor + ensemble MBW form ``θ_b = (1-α_b)·anchor + α_b·average`` (blocks missing from
-      ``alpha`` use ``alpha_default``). ``block_weights[model][block]`` overrides a member's weight per block.
-    - ``weighted_sum``: A1111's ``(1-α_b)·A + α_b·B`` for ``members = [A, B]``.
-    - ``add_difference``: ``A + α_b·(B - C)`` for ``members = [A, B, C]``.
-    - ``copy``: the single member's tensors.
+    """How one component is built: ``method`` (a name in the merge-method registry, :mod:`astolfo_opt.merge.methods`,
+    which says what it means), its ``members`` (with weights), an optional ``anchor`` (the MBW anchor of
+    ``weighted_average``; the base that TIES / DARE take deltas from), per-block ``alpha`` (blocks missing from it use
+    ``alpha_default``), ``block_weights[model][block]`` overriding a member's weight per block, and ``params`` (the
+    method's own parameters, e.g. ``density`` / ``lambda`` for TIES; defaults filled in by :meth:`validate`).
     """
 
     method: str = "weighted_average"
@@ -46,23 +43,40 @@ class ComponentRecipe:
     alpha: dict[str, float] = field(default_factory=dict)
     alpha_default: float = 1.0
     block_weights: dict[str, dict[str, float]] | None = None
+    params: dict[str, float] = field(default_factory=dict)
 
-    def validate(self, component: str, models: Mapping[str, str]) -> None:
+    @property
+    def spec(self) -> MergeMethod:
+        """The registered method (a one-line ConfigError for an unknown name)."""
+        return get_method(self.method, "recipe method")
+
+    def validate(self, component: str, models: Mapping[str, str], base: str | None = None) -> None:
         where = f"recipe.components.{component}"
-        if self.method not in METHODS:
-            raise ConfigError(f"{where}.method={self.method!r} is not one of {', '.join(METHODS)}")
-        want = {"weighted_sum": 2, "add_difference": 3, "copy": 1}.get(self.method)
-        if want is not None and len(self.members) != want:
-            raise ConfigError(f"{where}: method {self.method} takes exactly {want} members, got {len(self.members)}")
+        m = get_method(self.method, f"{where}.method")
+        if m.members is not None and len(self.members) != m.members:
+            raise ConfigError(f"{where}: method {self.method} takes exactly {m.members} members, got {len(self.members)}")
         if not self.members:
             raise ConfigError(f"{where}: no members (include at least one model)")
-        for name in [m.model for m in self.members] + ([self.anchor] if self.anchor else []):
+        for name in [x.model for x in self.members] + ([self.anchor] if self.anchor else []):
             if name not in models:
                 raise ConfigError(f"{where}: model {name!r} is not listed in recipe.models")
-        if self.method == "weighted_average" and sum(m.weight for m in self.members) <= 0 and not self.block_weights:
-            raise ConfigError(f"{where}: member weights sum to {sum(m.weight for m in self.members)}; they must be positive")
-        if self.anchor and self.method != "weighted_average":
-            raise ConfigError(f"{where}: anchor is only meaningful for weighted_average")
+        if m.weighted and sum(x.weight for x in self.members) <= 0 and not self.block_weights:
+            raise ConfigError(f"{where}: member weights sum to {sum(x.weight for x in self.members)}; they must be positive")
+        if not m.weighted and (self.block_weights or any(x.weight != 1.0 for x in self.members)) and m.members is None:
+            raise ConfigError(f"{where}: method {self.method} does not weight its members (drop weights / block_weights)")
+        if self.anchor and not m.anchor:
+            raise ConfigError(f"{where}: anchor is not read by method {self.method} (only by "
+                              f"{', '.join(n for n in method_names() if get_method(n).anchor)})")
+        if m.needs_base and not (self.anchor or base):
+            raise ConfigError(f"{where}: method {self.method} takes deltas from a base: set {where}.anchor or recipe.base")
+        if self.alpha and not m.mbw:
+            raise ConfigError(f"{where}: method {self.method} has no per-block alpha (drop alpha)")
+        self.params = m.resolve(self.params, f"{where}.params")
+
+    def form(self, block: str) -> Linear:
+        """This component's coefficients in ``block`` (linear methods only: see :class:`Linear`)."""
+        return self.spec.form([(x.model, self.weight_for(x.model, block)) for x in self.members], anchor=self.anchor,
+                              alpha=self.alpha_for(block), params=self.params)
 
     def alpha_for(self, block: str) -> float:
         return float(self.alpha.get(block, self.alpha_default))
@@ -124,7 +138,7 @@ class Recipe:
         for comp, cr in self.components.items():
             if comp not in COMPONENTS:
                 raise ConfigError(f"recipe.components.{comp}: unknown component (use {', '.join(COMPONENTS)})")
-            cr.validate(comp, self.models)
+            cr.validate(comp, self.models, self.base)
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -132,16 +146,19 @@ class Recipe:
         comps: dict[str, Any] = {}
         for name in sorted(self.components):
             c = self.components[name]
-            members = sorted(c.members, key=lambda m: m.model) if c.method == "weighted_average" else c.members  # a set
+            spec = c.spec
+            members = sorted(c.members, key=lambda m: m.model) if spec.members is None else c.members  # a set, or slots
             d: dict[str, Any] = {"method": c.method, "members": [{"model": m.model, "weight": _num(m.weight)} for m in members]}
             if c.anchor is not None:
                 d["anchor"] = c.anchor
             if c.alpha:
                 d["alpha"] = {b: _num(v) for b, v in sorted(c.alpha.items())}
-            if c.alpha_default != 1.0 or c.method in ("weighted_sum", "add_difference"):
+            if c.alpha_default != 1.0 or spec.writes_alpha:
                 d["alpha_default"] = _num(c.alpha_default)
             if c.block_weights:
                 d["block_weights"] = {m: {b: _num(v) for b, v in sorted(bw.items())} for m, bw in sorted(c.block_weights.items())}
+            if spec.params:  # every parameter, defaults included: a default changing later cannot change the merge
+                d["params"] = {k: _num(v) for k, v in sorted(spec.resolve(c.params, f"recipe.components.{name}.params").items())}
             comps[name] = d
         out = {"models": dict(sorted(self.models.items())), "base": self.base, "arch": self.arch,
                "nan_policy": self.nan_policy, "time_embed_block": self.time_embed_block, "components": comps}
@@ -155,14 +172,16 @@ class Recipe:
             raise ConfigError("a recipe needs a `models:` mapping of name -> file path")
         comps = {}
         for name, c in (d.get("components") or {}).items():
+            method = c.get("method", "weighted_average")
             members = [Member(str(m["model"]), float(m.get("weight", 1.0))) if isinstance(m, Mapping) else Member(str(m), 1.0)
                        for m in c.get("members", [])]
             comps[name] = ComponentRecipe(
-                method=c.get("method", "weighted_average"), members=members, anchor=c.get("anchor"),
+                method=method, members=members, anchor=c.get("anchor"),
                 alpha={str(k): float(v) for k, v in (c.get("alpha") or {}).items()},
-                alpha_default=float(c.get("alpha_default", 1.0 if c.get("method", "weighted_average") == "weighted_average" else 0.5)),
+                alpha_default=float(c.get("alpha_default", get_method(method, f"recipe.components.{name}.method").alpha_default)),
                 block_weights={str(m): {str(b): float(v) for b, v in bw.items()} for m, bw in c["block_weights"].items()}
                 if c.get("block_weights") else None,
+                params={str(k): v for k, v in (c.get("params") or {}).items()},
             )
         return cls(models={str(k): str(v) for k, v in d["models"].items()}, components=comps, base=d.get("base"),
                    arch=d.get("arch"), nan_policy=d.get("nan_policy", "error"), time_embed_block=d.get("time_embed_block", "IN00"),
