@@ -78,6 +78,21 @@ class ComponentRecipe:
         return self.spec.form([(x.model, self.weight_for(x.model, block)) for x in self.members], anchor=self.anchor,
                               alpha=self.alpha_for(block), params=self.params)
 
+    @classmethod
+    def from_dict(cls, c: Mapping[str, Any], name: str = "?") -> ComponentRecipe:
+        """One component of a recipe's dict form (``Recipe.to_dict()["components"][name]``)."""
+        method = c.get("method", "weighted_average")
+        members = [Member(str(m["model"]), float(m.get("weight", 1.0))) if isinstance(m, Mapping) else Member(str(m), 1.0)
+                   for m in c.get("members", [])]
+        return cls(
+            method=method, members=members, anchor=c.get("anchor"),
+            alpha={str(k): float(v) for k, v in (c.get("alpha") or {}).items()},
+            alpha_default=float(c.get("alpha_default", get_method(method, f"recipe.components.{name}.method").alpha_default)),
+            block_weights={str(m): {str(b): float(v) for b, v in bw.items()} for m, bw in c["block_weights"].items()}
+            if c.get("block_weights") else None,
+            params={str(k): v for k, v in (c.get("params") or {}).items()},
+        )
+
     def alpha_for(self, block: str) -> float:
         return float(self.alpha.get(block, self.alpha_default))
 
@@ -170,19 +185,7 @@ class Recipe:
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         if not isinstance(d, Mapping) or "models" not in d:
             raise ConfigError("a recipe needs a `models:` mapping of name -> file path")
-        comps = {}
-        for name, c in (d.get("components") or {}).items():
-            method = c.get("method", "weighted_average")
-            members = [Member(str(m["model"]), float(m.get("weight", 1.0))) if isinstance(m, Mapping) else Member(str(m), 1.0)
-                       for m in c.get("members", [])]
-            comps[name] = ComponentRecipe(
-                method=method, members=members, anchor=c.get("anchor"),
-                alpha={str(k): float(v) for k, v in (c.get("alpha") or {}).items()},
-                alpha_default=float(c.get("alpha_default", get_method(method, f"recipe.components.{name}.method").alpha_default)),
-                block_weights={str(m): {str(b): float(v) for b, v in bw.items()} for m, bw in c["block_weights"].items()}
-                if c.get("block_weights") else None,
-                params={str(k): v for k, v in (c.get("params") or {}).items()},
-            )
+        comps = {name: ComponentRecipe.from_dict(c, name) for name, c in (d.get("components") or {}).items()}
         return cls(models={str(k): str(v) for k, v in d["models"].items()}, components=comps, base=d.get("base"),
                    arch=d.get("arch"), nan_policy=d.get("nan_policy", "error"), time_embed_block=d.get("time_embed_block", "IN00"),
                    allow_mixed_prediction=bool(d.get("allow_mixed_prediction", False)))

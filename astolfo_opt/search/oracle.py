@@ -36,6 +36,7 @@ import torch
 from astolfo_opt.checkpoint.io import open_checkpoint
 from astolfo_opt.checkpoint.layout import block_of, canonical_key, component_of
 from astolfo_opt.errors import ConfigError
+from astolfo_opt.merge.recipe import ComponentRecipe
 from astolfo_opt.search.evaluator import BatchResult, Evaluator, TrialContext
 from astolfo_opt.search.space import BoolParam, Candidate, SearchSpace
 
@@ -119,39 +120,24 @@ def load_conf(group: str, name: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ coefficients
 def coefficients(spec: Mapping[str, Any], names: Sequence[str], comp: str, block: str) -> list[float]:
-    """Weights ``c_i`` with ``θ_b = Σ_i c_i M_i`` (models ``names``, Σ c_i = 1) for one component block of a recipe spec.
-
-    Mirrors CONTRACTS.md: ``weighted_average`` normalises member weights; anchor + ensemble blends
-    ``(1-α_b)·anchor + α_b·ensemble`` (``alpha_default`` for unlisted blocks); ``weighted_sum`` is ``(1-α)A + αB``;
-    a component absent from the spec is the base's."""
+    """Weights ``c_i`` with ``θ_b = Σ_i c_i M_i`` (models ``names``) for one component block of a recipe spec: the
+    merge-method registry's coefficients (:meth:`ComponentRecipe.form`); a component absent from the spec is the
+    base's. A non-linear method (TIES, DARE, ...) has none: one-line ConfigError."""
     idx = {n: i for i, n in enumerate(names)}
     c = [0.0] * len(names)
     entry = (spec.get("components") or {}).get(comp)
     if entry is None:
         c[idx[spec["base"]]] = 1.0
         return c
-    method = entry.get("method", "weighted_average")
-    members = entry.get("members") or []
-    if method == "copy":
-        c[idx[members[0]["model"]]] = 1.0
-        return c
-    if method == "weighted_sum":
-        a = float((entry.get("alpha") or {}).get(block, entry.get("alpha_default", 0.5)))
-        c[idx[members[0]["model"]]] += 1 - a
-        c[idx[members[1]["model"]]] += a
-        return c
-    if method != "weighted_average" or entry.get("block_weights"):
-        raise ConfigError(f"oracle: recipe method {method!r} (block_weights={bool(entry.get('block_weights'))}) is not supported")
-    total = sum(float(m["weight"]) for m in members)
-    if total <= 0:
-        raise ConfigError(f"oracle: component {comp} has no positive member weight")
-    anchor = entry.get("anchor")
-    a = 1.0
-    if anchor is not None:
-        a = float((entry.get("alpha") or {}).get(block, entry.get("alpha_default", 1.0)))
-        c[idx[anchor]] += 1 - a
-    for m in members:
-        c[idx[m["model"]]] += a * float(m["weight"]) / total
+    cr = ComponentRecipe.from_dict(entry, comp)
+    if not cr.spec.linear:
+        raise ConfigError(f"oracle: component {comp} uses method {cr.method}, which is not linear (no weight-space coefficients)")
+    try:
+        coef = cr.form(block).coefficients(base=spec.get("base"))
+    except ConfigError as e:
+        raise ConfigError(f"oracle: component {comp}: {e}") from None
+    for m, v in coef.items():
+        c[idx[m]] += v
     return c
 
 

@@ -46,6 +46,8 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from astolfo_opt.errors import AstolfoError, ConfigError
+from astolfo_opt.merge.methods import get_method
+from astolfo_opt.merge.recipe import ComponentRecipe
 from astolfo_opt.search.strategies import PROPOSAL_ATTR, Params, StagedSampler, _key, start_params, trial_value
 
 log = logging.getLogger("astolfo_opt.search")
@@ -194,6 +196,7 @@ class _Comp:
     mbw: bool = False
     alpha: list[str | None] = field(default_factory=list)  # per row: alpha parameter or None (alpha_default)
     alpha_default: float = 1.0
+    method: str = "weighted_average"
 
 
 class ParamMap:
@@ -219,21 +222,24 @@ class ParamMap:
                 if bits:
                     raise Unsupported(f"component {comp} has inclusion bits but is absent from the recipe")
                 continue
-            if entry.get("method", "weighted_average") != "weighted_average" or entry.get("block_weights"):
-                raise Unsupported(f"component {comp}: recipe method {entry.get('method')!r}")
-            c = _Comp(comp, rows)
+            cr = ComponentRecipe.from_dict(entry, comp)
+            probe = cr.form(ws.blocks[rows[0]][1]) if cr.spec.linear else None
+            if probe is None or not probe.normalise or cr.block_weights:
+                # the relaxation below is the registry's normalised form (an ensemble, optionally anchored): u = α·w/Σw
+                raise Unsupported(f"component {comp}: method {cr.method!r}{' with block_weights' if cr.block_weights else ''} "
+                                  "is not an ensemble (normalised linear) form")
+            c = _Comp(comp, rows, method=cr.method)
             for b in bits:
                 key = b.split(".", 2)[2]
                 if key not in col:
                     raise Unsupported(f"{b}: no model of the weight space is named {key}")
                 c.bits.append(b)
                 c.bit_col.append(col[key])
-            if not bits:
+            if not bits:  # the registry's coefficients without the anchor blend (α is applied per row)
                 fixed = np.zeros(len(ws.names))
-                tot = sum(float(m["weight"]) for m in entry["members"])
-                for m in entry["members"]:
-                    if m["model"] != ws.ref:
-                        fixed[ws.names.index(m["model"])] += float(m["weight"]) / tot
+                for m, v in cr.spec.form([(x.model, x.weight) for x in cr.members]).coefficients().items():
+                    if m != ws.ref:
+                        fixed[ws.names.index(m)] += v
                 c.fixed = fixed
             anchor = entry.get("anchor")
             if anchor is not None:
@@ -249,22 +255,23 @@ class ParamMap:
             raise Unsupported(f"parameter {left[0]} does not act on a component of the weight space")
 
     def coords(self, params: Mapping[str, Any]) -> np.ndarray | None:
-        """``u`` of a parameter point; ``None`` when it has fewer than ``min_models`` members (the space would repair it)."""
+        """``u`` of a parameter point (the registry's coefficients of the recipe the space builds from it, without the
+        reference's own column); ``None`` when it has fewer than ``min_models`` members (the space would repair it)."""
         out = np.zeros((len(self.ws.blocks), len(self.ws.names)))
+        names = [*self.ws.names, self.ws.ref]  # bit_col -1 is the reference
         for c in self.comps:
+            method = get_method(c.method)
             if c.bits:
-                on = [j for b, j in zip(c.bits, c.bit_col, strict=True) if int(params[b])]
+                on = [names[j] for b, j in zip(c.bits, c.bit_col, strict=True) if int(params[b])]
                 if len(on) < min(self.min_models, len(c.bits)):
                     return None
-                v = np.zeros(len(self.ws.names))
-                for j in on:
-                    if j >= 0:
-                        v[j] += 1.0 / len(on)
+                members = [(m, 1.0) for m in on]
             else:
-                v = c.fixed  # type: ignore[assignment]
+                members = [(m, float(v)) for m, v in zip(self.ws.names, c.fixed, strict=True) if v]  # type: ignore[arg-type]
             for i, k in enumerate(c.rows):
                 a = (float(params[c.alpha[i]]) if c.alpha[i] else c.alpha_default) if c.mbw else 1.0  # type: ignore[index]
-                out[k] = a * v
+                coef = method.form(members, anchor=self.ws.ref if c.mbw else None, alpha=a).coefficients()
+                out[k] = [coef.get(m, 0.0) for m in self.ws.names]
         return out
 
 
