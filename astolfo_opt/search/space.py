@@ -12,6 +12,11 @@ Parameters (names are stable so studies can be resumed and compared):
   anchor the pool base (``mbw.components``, blocks present in that component only).
 - ``pair.<block>`` float - ``pairwise_mbw``: classic two-model AutoMBW ``(1-α_b)·A + α_b·B`` per UNet block
   (written as anchor A + ensemble [B], which is the same formula).
+- ``method.<comp>`` categorical - with ``methods: [weighted_average, ties, dare_ties, ...]`` (more than one), the
+  merge method of each searched component, from the merge-method registry. The chosen method's searchable
+  parameters are *conditional* parameters ``param.<comp>.<method>.<name>`` (only a trial that chose that method has
+  them; ranges from the registry, or ``method_params.<method>.<name>: [low, high]``). Non-searchable parameters (a
+  DARE ``seed``) take ``method_seed`` / their defaults. Under an MBW component, α_b scales a method's λ per block.
 
 Constraint "at least ``min_models`` groups per component": the sampler's proposal is kept as the trial's params
 (Optuna records what was sampled) and the recipe is *repaired* deterministically - missing groups are added in pool
@@ -40,6 +45,23 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
+#: ``method.<comp>``: a component's merge method; ``param.<comp>.<method>.<name>``: that method's parameter
+METHOD, METHOD_PARAM = "method.", "param."
+
+
+def active_point(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` without the parameters of methods the point did not choose (samplers that propose every known
+    parameter compare points by what a trial of them would really record)."""
+    out = {}
+    for n, v in params.items():
+        if n.startswith(METHOD_PARAM):
+            comp, method = n.split(".")[1:3]
+            if str(params.get(f"{METHOD}{comp}")) != method:
+                continue
+        out[n] = v
+    return out
+
+
 @dataclass(frozen=True)
 class FloatParam:
     name: str
@@ -49,6 +71,15 @@ class FloatParam:
 
     def suggest(self, trial) -> float:
         return float(trial.suggest_float(self.name, self.low, self.high, step=self.step))
+
+
+@dataclass(frozen=True)
+class ChoiceParam:
+    name: str
+    choices: tuple[str, ...]
+
+    def suggest(self, trial) -> str:
+        return str(trial.suggest_categorical(self.name, list(self.choices)))
 
 
 @dataclass(frozen=True)
@@ -150,6 +181,9 @@ class SearchSpace:
             if a == b:
                 raise ConfigError("pairwise_mbw needs two different models: set space.pair_a and space.pair_b")
             self.pair = (a, b)
+        self.methods = self._methods(cfg)
+        self.method_seed = int(cfg.get("method_seed", 0))
+        self.conditional: dict[tuple[str, str], list[FloatParam]] = {}
         self.params = self._build_params()
 
     # ---- parameters -------------------------------------------------------------------------------------------
@@ -157,11 +191,49 @@ class SearchSpace:
         present = {self.layout.block_of(k, self.time_embed_block) for k in self.layout.keys_of(comp)}
         return [b for b in self.layout.block_ids if b in present]
 
-    def _build_params(self) -> list[FloatParam | BoolParam]:
-        ps: list[FloatParam | BoolParam] = []
+    def _methods(self, cfg: Mapping[str, Any]) -> list[str]:
+        """``space.methods`` checked against the registry: methods that take any number of members (an inclusion
+        space chooses how many), and a base for those that take deltas from one."""
+        from astolfo_opt.merge.methods import get_method
+
+        names = [str(m) for m in (cfg.get("methods") or ["weighted_average"])]
+        for m in names:
+            spec = get_method(m, "space.methods entry")
+            if spec.members is not None:
+                raise ConfigError(f"space.methods: {m} takes exactly {spec.members} members; an inclusion space needs "
+                                  "methods over any number of models (weighted_average, ties, dare, dare_ties, geometric_median)")
+            if spec.needs_base and not self.pool.base:
+                raise ConfigError(f"space.methods: {m} takes deltas from the base model: set pool.base=NAME_OR_PATH")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"space.methods lists a method twice: {names}")
+        if self.kind == "pairwise_mbw" and names != ["weighted_average"]:
+            raise ConfigError("space.methods: pairwise_mbw is the two-model weighted sum; use an inclusion space for other methods")
+        return names
+
+    def _method_params(self, comp: str, method: str) -> list[FloatParam]:
+        from astolfo_opt.merge.methods import get_method
+
+        over = dict((self.cfg.get("method_params") or {}).get(method) or {})
+        out = []
+        for p in get_method(method).params:
+            if not p.searchable:
+                continue
+            lo, hi = (float(x) for x in over.get(p.name, (p.low, p.high)))
+            if not p.low <= lo < hi <= p.high:
+                raise ConfigError(f"space.method_params.{method}.{p.name}=[{lo:g}, {hi:g}] must lie within [{p.low:g}, {p.high:g}]")
+            out.append(FloatParam(f"{METHOD_PARAM}{comp}.{method}.{p.name}", lo, hi, 1.0 if p.integer else None))
+        return out
+
+    def _build_params(self) -> list[FloatParam | BoolParam | ChoiceParam]:
+        ps: list[FloatParam | BoolParam | ChoiceParam] = []
         lo, hi = self.alpha_range
         if self.kind == "pairwise_mbw":
             return [FloatParam(f"pair.{b}", lo, hi, self.alpha_step) for b in self.blocks_of("unet")]
+        if len(self.methods) > 1:
+            for comp in self.components:
+                ps.append(ChoiceParam(f"{METHOD}{comp}", tuple(self.methods)))
+                for m in self.methods:
+                    self.conditional[(comp, m)] = self._method_params(comp, m)
         for comp in self.components:
             groups = self.groups[comp]
             if len(groups) == 1:
@@ -177,24 +249,48 @@ class SearchSpace:
 
     @property
     def names(self) -> list[str]:
-        return [p.name for p in self.params]
+        """Every parameter name, conditional ones included (a study's identity: resuming with another list is refused)."""
+        return [p.name for p in self.params] + [p.name for ps in self.conditional.values() for p in ps]
+
+    def method_of(self, comp: str, params: Mapping[str, Any]) -> str:
+        return str(params.get(f"{METHOD}{comp}", self.methods[0]))
+
+    def active(self, params: Mapping[str, Any]) -> list[FloatParam | BoolParam | ChoiceParam]:
+        """The parameters a point has: the unconditional ones and its chosen methods' parameters."""
+        out: list[FloatParam | BoolParam | ChoiceParam] = list(self.params)
+        for (comp, m), ps in self.conditional.items():
+            if self.method_of(comp, params) == m:
+                out += ps
+        return out
 
     def distributions(self) -> dict[str, Any]:
-        """Optuna distributions of every parameter (for ``create_trial`` / checks)."""
+        """Optuna distributions of every parameter, conditional ones included (for ``create_trial`` / checks)."""
         import optuna.distributions as d
 
-        return {p.name: (d.IntDistribution(0, 1) if isinstance(p, BoolParam) else d.FloatDistribution(p.low, p.high, step=p.step))
-                for p in self.params}
+        def dist(p):
+            if isinstance(p, BoolParam):
+                return d.IntDistribution(0, 1)
+            if isinstance(p, ChoiceParam):
+                return d.CategoricalDistribution(list(p.choices))
+            return d.FloatDistribution(p.low, p.high, step=p.step)
+
+        return {p.name: dist(p) for p in [*self.params, *(q for ps in self.conditional.values() for q in ps)]}
 
     def suggest(self, trial) -> Candidate:
-        return self.candidate({p.name: p.suggest(trial) for p in self.params})
+        params = {p.name: p.suggest(trial) for p in self.params}
+        for (comp, m), ps in self.conditional.items():  # define-by-run: only the chosen method's parameters exist
+            if self.method_of(comp, params) == m:
+                params.update({p.name: p.suggest(trial) for p in ps})
+        return self.candidate(params)
 
     # ---- warm starts ------------------------------------------------------------------------------------------
     def uniform_params(self) -> dict[str, Any]:
         """Everything in with equal weight, MBW fully on the ensemble: the seeds' uniform average."""
         out: dict[str, Any] = {}
         for p in self.params:
-            if isinstance(p, BoolParam):
+            if isinstance(p, ChoiceParam):
+                out[p.name] = "weighted_average" if "weighted_average" in p.choices else p.choices[0]
+            elif isinstance(p, BoolParam):
                 out[p.name] = 1
             elif p.name.startswith("w."):
                 out[p.name] = p.high
@@ -209,7 +305,11 @@ class SearchSpace:
             return None
         out: dict[str, Any] = {}
         for p in self.params:
-            if p.name.startswith("pair."):
+            if isinstance(p, ChoiceParam):
+                if "weighted_average" not in p.choices:
+                    return None
+                out[p.name] = "weighted_average"
+            elif p.name.startswith("pair."):
                 if self.pair and self.pair[0] != base:
                     return None
                 out[p.name] = p.low
@@ -224,6 +324,12 @@ class SearchSpace:
 
     def warm_starts(self) -> list[dict[str, Any]]:
         out = [self.uniform_params()]
+        for p in out:  # a start point whose method is not weighted_average also needs that method's parameters
+            for (comp, m), ps in self.conditional.items():
+                if self.method_of(comp, p) == m:
+                    from astolfo_opt.merge.methods import get_method
+
+                    p.update({q.name: get_method(m).param(q.name.rsplit(".", 1)[1]).default for q in ps})
         b = self.base_params()
         if b is not None and b != out[0]:
             out.append(b)
@@ -232,7 +338,7 @@ class SearchSpace:
     # ---- params -> recipe spec --------------------------------------------------------------------------------
     def candidate(self, params: Mapping[str, Any]) -> Candidate:
         params = dict(params)
-        missing = [n for n in self.names if n not in params]
+        missing = [p.name for p in self.active(params) if p.name not in params]
         if missing:
             raise ConfigError(f"parameters {missing[:3]} missing: the study was made with another space config")
         spec_models: set[str] = set()
@@ -275,14 +381,9 @@ class SearchSpace:
                                                                                   self.min_weight)))
                             added.append(g.rep)
                     repaired[comp] = added
-                entry: dict[str, Any] = {"method": "weighted_average",
-                                         "members": [{"model": m, "weight": round(w, 6)} for m, w in chosen]}
-                if comp in self.mbw_components:
-                    entry["anchor"] = self.pool.base
-                    entry["alpha"] = {blk: float(params[f"alpha.{comp}.{blk}"]) for blk in self.blocks_of(comp)}
-                    entry["alpha_default"] = 1.0
+                comps[comp] = self._entry(comp, chosen, params)
+                if "anchor" in comps[comp]:
                     spec_models.add(self.pool.base)  # type: ignore[arg-type]
-                comps[comp] = entry
                 spec_models |= {m for m, _ in chosen}
         fill = self.fill_base
         spec_models.add(fill)
@@ -293,6 +394,28 @@ class SearchSpace:
         if self.pool.allow_mixed_prediction:  # so export's merge accepts what the study was told to accept
             spec["allow_mixed_prediction"] = True
         return Candidate(params, spec, violation, repaired)
+
+    def _entry(self, comp: str, chosen: list[tuple[str, float]], params: Mapping[str, Any]) -> dict[str, Any]:
+        """One component's recipe entry: the chosen members under the chosen method (weights only where the method
+        reads them), the base as anchor for MBW and for methods that take deltas from it, the method's parameters."""
+        from astolfo_opt.merge.methods import get_method
+
+        name = self.method_of(comp, params)
+        m = get_method(name)
+        entry: dict[str, Any] = {"method": name, "members": [{"model": x, "weight": round(w, 6) if m.weighted else 1.0}
+                                                            for x, w in chosen]}
+        if comp in self.mbw_components and m.mbw:
+            entry["anchor"] = self.pool.base
+            entry["alpha"] = {blk: float(params[f"alpha.{comp}.{blk}"]) for blk in self.blocks_of(comp)}
+            entry["alpha_default"] = 1.0
+        elif m.needs_base:
+            entry["anchor"] = self.pool.base
+        if m.params:
+            given = {p.name.rsplit(".", 1)[1]: float(params[p.name]) for p in self.conditional.get((comp, name), [])}
+            if any(p.name == "seed" for p in m.params):
+                given.setdefault("seed", float(self.method_seed))
+            entry["params"] = m.resolve(given, f"space.method_params.{name}")
+        return entry
 
     @property
     def fill_base(self) -> str:
@@ -312,6 +435,8 @@ class SearchSpace:
             lines.append(f"  {comp}: {len(self.groups[comp])} distinct{extra}")
         if self.mbw_components:
             lines.append(f"  MBW alpha on {', '.join(self.mbw_components)} (anchor {self.pool.base})")
+        if len(self.methods) > 1:
+            lines.append(f"  methods per component: {', '.join(self.methods)} (their parameters conditional)")
         if self.pair:
             lines.append(f"  pairwise MBW: (1-a)*{self.pair[0]} + a*{self.pair[1]} per UNet block")
         return lines

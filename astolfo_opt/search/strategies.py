@@ -42,6 +42,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from astolfo_opt.errors import ConfigError
+from astolfo_opt.search.space import active_point
 
 Params = dict[str, Any]
 Plan = Generator[Params, float | None, None]
@@ -248,6 +249,21 @@ def staged_plan(dists: Mapping[str, BaseDistribution], seed: int | None = None, 
             if val is not None and val > best:
                 inc, best = q, val
 
+    def sweep_choices():
+        """Each other choice of each categorical (a merge method), first improvement kept; True if one was."""
+        nonlocal inc, best
+        accepted = False
+        for n in choices:
+            for c in dists[n].choices:  # type: ignore[attr-defined]
+                if c == inc[n]:
+                    continue
+                p = {**inc, n: c}
+                val = yield from ask(p)
+                if val is not None and val > best:
+                    inc, best, accepted = p, val, True
+                    break
+        return accepted
+
     # round 0: flip whole models (a far-off model is far in every component: one trial per model), then all
     # improving flips together; outlier-size wins are frozen. Rounds 1+: per-component bits, first improvement,
     # and every ``fit_every`` trials the additive surrogate's best point.
@@ -278,6 +294,7 @@ def staged_plan(dists: Mapping[str, BaseDistribution], seed: int | None = None, 
                 inc, best = flipped(inc, top.split("|")), vals[top]
         else:
             inc, best = flipped(inc, both), vals[top]
+    yield from sweep_choices()  # a merge method changes every block at once: decided with the models, before lines
     in_region = True
     region.append((dict(inc), best))
     yield from line(refine=False)
@@ -294,15 +311,7 @@ def staged_plan(dists: Mapping[str, BaseDistribution], seed: int | None = None, 
             if fit_every and since_fit >= fit_every:
                 since_fit = 0
                 yield from try_model()
-        for n in choices:  # each other choice of a categorical, first improvement kept
-            for c in dists[n].choices:  # type: ignore[attr-defined]
-                if c == inc[n]:
-                    continue
-                p = {**inc, n: c}
-                val = yield from ask(p)
-                if val is not None and val > best:
-                    inc, best, accepted = p, val, True
-                    break
+        accepted = (yield from sweep_choices()) or accepted
         yield from line(refine=True)
         if not accepted:
             break
@@ -363,9 +372,9 @@ class StagedSampler(BaseSampler):
         done: dict[tuple, float | None] = {}
         busy: set[tuple] = set()
         for t in study.get_trials(deepcopy=False):
-            if set(t.params) != set(dists):
+            if not set(t.params) <= set(dists):  # another space; a conditional parameter may be missing, not extra
                 continue
-            k = _key(t.params)
+            k = _key(active_point(t.params))
             v = trial_value(t, sign)
             if v is not None:
                 done[k] = v if done.get(k) is None else max(done[k], v)  # type: ignore[type-var]
@@ -379,7 +388,7 @@ class StagedSampler(BaseSampler):
         seen = 0
         replays = 0
         while True:
-            k = _key(p)
+            k = _key(active_point(p))
             if k in done:
                 replays += 1
                 if replays > len(done) + 2000:  # the local stage keeps landing on known points (tiny discrete space)

@@ -34,7 +34,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from astolfo_opt.errors import AstolfoError, ConfigError
 from astolfo_opt.merge.methods import get_method
 from astolfo_opt.merge.recipe import ComponentRecipe
+from astolfo_opt.search.space import METHOD
 from astolfo_opt.search.strategies import PROPOSAL_ATTR, Params, StagedSampler, _key, start_params, trial_value
 
 log = logging.getLogger("astolfo_opt.search")
@@ -57,6 +58,8 @@ log = logging.getLogger("astolfo_opt.search")
 INC, ALPHA = "inc.", "alpha."
 #: recipe families (parameter prefixes) the weight-space sampler can map to merged-weight coordinates
 WEIGHT_SPACE_PREFIXES = (INC, ALPHA)
+#: the trial attribute naming why the staged plan proposed instead
+FALLBACK_ATTR = "sampler_fallback"
 #: exhaustive search over the inclusion bits of a component up to this many bits, local search beyond
 EXHAUSTIVE_BITS = 14
 #: evaluation cap of one least-squares fit: a fit converges in < 100; the rare one that oscillates around the cone's
@@ -631,16 +634,17 @@ class Projector:
 
 
 # ------------------------------------------------------------------------------------------------ the sampler
-def _finished(study: optuna.Study, dists: Mapping[str, BaseDistribution], sign: float
-              ) -> tuple[list[tuple[FrozenTrial, float]], set[tuple]]:
-    """(trial, maximised value) of every finished trial over ``dists`` (a pruned one with its last running mean, as
-    ``staged`` does) and the keys of every point already proposed (finished, failed or in flight)."""
+def _finished(study: optuna.Study, dists: Mapping[str, BaseDistribution], sign: float,
+              where: Callable[[FrozenTrial], bool] | None = None) -> tuple[list[tuple[FrozenTrial, float]], set[tuple]]:
+    """(trial, maximised value) of every finished trial that has the parameters ``dists`` (and satisfies ``where``;
+    a pruned one with its last running mean, as ``staged`` does) and the keys over ``dists`` of every point already
+    proposed (finished, failed or in flight)."""
     done: list[tuple[FrozenTrial, float]] = []
     seen: set[tuple] = set()
     for t in study.get_trials(deepcopy=False):
-        if set(t.params) != set(dists):
+        if not set(dists) <= set(t.params) or (where is not None and not where(t)):
             continue
-        seen.add(_key(t.params))
+        seen.add(_key({n: t.params[n] for n in dists}))
         v = trial_value(t, sign)
         if v is not None:
             done.append((t, v))
@@ -710,6 +714,8 @@ class SurrogateSampler(BaseSampler):
         params = self.propose(study, search_space)
         # which kind of proposal this is, for the dashboard and for pruner=incumbent's ``spare_exploit``
         study._storage.set_trial_user_attr(trial._trial_id, PROPOSAL_ATTR, self.last_kind)
+        if self.last_fallback is not None:  # why the staged plan proposed this one, on the trial for the dashboard
+            study._storage.set_trial_user_attr(trial._trial_id, FALLBACK_ATTR, self.last_fallback)
         return params
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
@@ -723,26 +729,50 @@ class SurrogateSampler(BaseSampler):
         self.last_kind = "staged"
         if why not in self._warned and not why.startswith("startup"):
             self._warned.add(why)
-            log.info("sampler=surrogate: %s; the staged plan proposes instead", why)
+            log.warning("sampler=surrogate: %s; the staged plan proposes instead", why)
         return self._staged.propose(study, dists)
 
     def propose(self, study: optuna.Study, dists: Mapping[str, BaseDistribution]) -> Params:
-        """The next point: staged during startup / for unsupported spaces, else MAP or a Thompson draw, projected."""
+        """The next point: staged during startup / for unsupported spaces, else MAP or a Thompson draw, projected.
+
+        With merge methods in the space (``method.<comp>``), the weight-space model covers linear methods only: while
+        the incumbent merges every component with a linear method, the surrogate proposes over the trials that used
+        those same methods and keeps them; otherwise (and to sweep the methods) the staged plan proposes."""
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        done, seen = _finished(study, dists, sign)
+        methods = [n for n in dists if n.startswith(METHOD)]
+        if not methods:
+            return self._propose(study, dists, dists, sign)
+        done, _ = _finished(study, {n: dists[n] for n in methods}, sign)
         if len(done) < self.n_startup:
             return self._fallback(study, dists, f"startup ({len(done)} of {self.n_startup} trials)")
+        inc = max(done, key=lambda tv: tv[1])[0]
+        chosen = {n: inc.params[n] for n in methods}
+        odd = next((m for m in chosen.values() if not get_method(str(m)).linear), None)
+        if odd is not None:
+            return self._fallback(study, dists, f"the incumbent merges with {odd}, which is not linear: the weight-space "
+                                                "surrogate covers linear methods only")
+        sub = {n: d for n, d in dists.items() if n.startswith(WEIGHT_SPACE_PREFIXES)}
+        params = self._propose(study, sub, dists, sign, where=lambda t: all(t.params.get(n) == v for n, v in chosen.items()))
+        return {**params, **{n: v for n, v in chosen.items() if n not in params}}
+
+    def _propose(self, study: optuna.Study, dists: Mapping[str, BaseDistribution], full: Mapping[str, BaseDistribution],
+                 sign: float, where: Callable[[FrozenTrial], bool] | None = None) -> Params:
+        """The surrogate's point over ``dists`` from the finished trials satisfying ``where``; the staged plan over
+        ``full`` when it cannot."""
+        done, seen = _finished(study, dists, sign, where)
+        if len(done) < self.n_startup:
+            return self._fallback(study, full, f"startup ({len(done)} of {self.n_startup} trials)")
         try:
             pm, proj = self._map(study, dists, done)
             U, y, wts, best = self._data(pm, done)
         except Unsupported as e:
-            return self._fallback(study, dists, str(e))
+            return self._fallback(study, full, str(e))
         sur = RadialSurrogate(pm, s_w=self.prior_sd_weight, tau=self.prior_sd_alpha, fit_power=self.fit_power,
                               mu_sd=self.prior_sd_shared_alpha)
         try:
             sur.fit(U, y, weights=wts, starts=[sur.x_from_params(best), sur.prior_mean()])
         except (ValueError, np.linalg.LinAlgError, FloatingPointError) as e:  # degenerate data: never stop a study
-            return self._fallback(study, dists, f"surrogate fit failed ({type(e).__name__}: {e})")
+            return self._fallback(study, full, f"surrogate fit failed ({type(e).__name__}: {e})")
         # the draw depends only on the seed and the number of finished trials: the same study state -> the same point
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"surrogate|{self.seed}|{len(done)}".encode()).digest()[:8], "big"))
         scale = 0.0 if (len(done) - self.n_startup) % self.map_every == 0 else self.thompson_scale
@@ -755,7 +785,7 @@ class SurrogateSampler(BaseSampler):
                 self.last_kind = "exploit" if scale == 0.0 else "explore"
                 return params
             scale = max(scale, self.thompson_scale) * 1.5  # that recipe is known already: look a little wider
-        return self._fallback(study, dists, "every draw landed on a known recipe")
+        return self._fallback(study, full, "every draw landed on a known recipe")
 
     def _data(self, pm: ParamMap, done: Sequence[tuple[FrozenTrial, float]]
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Params]:
