@@ -101,3 +101,31 @@ def test_pipeline_study_prunes_and_exports(pool_dir, tmp_path):
         export_trial(storage, "e2e", tmp_path / "best.safetensors", trial=study.trials[-1].number, device="cpu")
     assert (tmp_path / "best.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_methods_study_renders_ties_and_exports_it(pool_dir, tmp_path):
+    """``space.methods`` end to end: the staged plan sweeps the methods right after the model flips; a TIES / DARE-TIES
+    trial is merged (incremental merger), swapped, rendered and scored, and export rebuilds exactly what it scored."""
+    from astolfo_opt.search.export import export_trial
+    from scorers.testing import demo_objective_config
+
+    scorer = demo_objective_config(tmp_path / "scorer", device="cpu")
+    render = {"prompt_set": "tiny", "n_prompts": 2, "batch_size": 1, "steps": 2, "width": 64, "height": 64}
+    space = {"kind": "inclusion", "components": ["unet"], "methods": ["weighted_average", "ties", "dare_ties"]}
+    cfg = base_cfg(pool_dir, tmp_path, n_trials=11, evaluator={"kind": "pipeline", "out_dtype": "fp16"}, scorer=scorer,
+                   render=render, space=space, sampler={"name": "staged"}, artifacts=False)
+    run_search(cfg)
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    swept = [t for t in done if t.params["method.unet"] != "weighted_average"]
+    assert swept, [t.params for t in done]
+    t = swept[0]
+    spec = json.loads(t.user_attrs["recipe"])
+    unet = spec["components"]["unet"]
+    assert unet["method"] in ("ties", "dare_ties") and 0 < unet["params"]["density"] <= 1 and unet["anchor"] == "base"
+    twin = next(x for x in done if x.params["method.unet"] == "weighted_average" and
+                {k: v for k, v in x.params.items() if k.startswith("inc.")} == {k: v for k, v in t.params.items() if k.startswith("inc.")})
+    assert t.value != twin.value  # the same models under another method render other pictures
+    exp = export_trial(open_storage_url(f"sqlite:///{tmp_path / 'study.db'}"), "e2e", tmp_path / "ties.safetensors",
+                       trial=t.number, device="cpu")
+    assert exp.verified
