@@ -30,9 +30,9 @@ def _same(a: CollectSink, b: CollectSink, where) -> None:
 @pytest.mark.parametrize("chunk", [None, 4096], ids=["whole", "chunked"])
 def test_incremental_equals_from_scratch_over_30_random_recipes(pool5, monkeypatch, chunk):
     if chunk:  # tiny tensors take the slice-by-slice (fused update + narrow) path that full-size ones take
-        import astolfo_opt.merge.kernel as kernel
+        import astolfo_opt.merge.execute as execute
 
-        monkeypatch.setattr(kernel, "_CHUNK", chunk)
+        monkeypatch.setattr(execute, "_CHUNK", chunk)
     names = [p.stem for p in pool5.models]
     models = {p.stem: str(p) for p in pool5.all}
     rng = random.Random(3)
@@ -141,9 +141,9 @@ def test_pairwise_alpha_changes_read_nothing(pool5):
 @pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
 def test_incremental_nan_policy_matches_from_scratch(tmp_path, monkeypatch, chunk):
     if chunk:
-        import astolfo_opt.merge.kernel as kernel
+        import astolfo_opt.merge.execute as execute
 
-        monkeypatch.setattr(kernel, "_CHUNK", chunk)
+        monkeypatch.setattr(execute, "_CHUNK", chunk)
     from astolfo_opt.errors import NonFiniteError
     from astolfo_opt.testing.factory import ModelSpec, make_checkpoint
 

@@ -353,10 +353,10 @@ def test_direct_destination_gets_exactly_the_emitted_tensor(nan_pair, monkeypatc
     """The fused write (kernel narrows straight into the swap's parameters) must hold the very values handed to
     ``consume`` - also for a key recomputed under ``nan_policy: drop_model``, whose first (NaN) result must never
     stay in the destination."""
-    import astolfo_opt.merge.kernel as kernel
+    import astolfo_opt.merge.execute as execute
 
     if chunk:
-        monkeypatch.setattr(kernel, "_CHUNK", chunk)  # every UNet tensor takes the slice-by-slice path
+        monkeypatch.setattr(execute, "_CHUNK", chunk)  # every UNet tensor takes the slice-by-slice path
     key, good, bad = nan_pair
     recipe = Recipe.average([good, bad])
     recipe.nan_policy = "drop_model"

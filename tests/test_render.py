@@ -9,7 +9,7 @@ import torch
 from astolfo_opt.checkpoint.io import open_checkpoint
 from astolfo_opt.checkpoint.layout import canonical_key, component_of, detect_architecture
 from astolfo_opt.errors import CheckpointError, ConfigError
-from astolfo_opt.merge.kernel import PlannedTensor
+from astolfo_opt.merge.plan import PlannedTensor
 from astolfo_opt.render.pipeline import build_pipeline, config_dir
 from astolfo_opt.render.prompts import Prompt
 from astolfo_opt.render.settings import RenderSettings

@@ -22,22 +22,9 @@ import torch
 
 from astolfo_opt.checkpoint.layout import block_of
 from astolfo_opt.errors import CheckpointError
-from astolfo_opt.merge.kernel import (
-    KeyComputer,
-    MergeSink,
-    MergeStats,
-    ModelSet,
-    PlannedTensor,
-    _all_finite,
-    add_into,
-    layout_for,
-    narrow,
-    parse_dtype,
-    plan_output,
-    resolve_device,
-    run_plan,
-    update_and_narrow,
-)
+from astolfo_opt.merge.execute import MergeSink, _all_finite, add_into, narrow, run_plan, update_and_narrow
+from astolfo_opt.merge.kernel import KeyComputer
+from astolfo_opt.merge.plan import MergeStats, ModelSet, PlannedTensor, layout_for, parse_dtype, plan_output, resolve_device
 from astolfo_opt.merge.recipe import ComponentRecipe, Recipe
 
 

@@ -2,10 +2,11 @@
 
 For each output key only the tensors that key needs are read (``pread`` into private buffers, so file pages never
 pile up in RSS), repaired (EMA dropped, ``position_ids`` reset, conv/linear ``proj_in`` reshaped, pruned keys filled
-from the base), accumulated in fp32 (or fp64) *in place* — ``acc.add_(t, alpha=w)`` promotes fp16/bf16 inputs
-without a temporary — and handed to a sink in layout order. Keys are computed by a small thread pool with a bounded
-look-ahead (torch releases the GIL in its kernels), which overlaps reading and arithmetic and keeps peak memory at a
-few tensors. Each key's arithmetic is sequential in recipe member order, so results do not depend on thread count.
+from the base), and combined by the component's merge method from the registry (:mod:`astolfo_opt.merge.methods`):
+a linear method's coefficients are accumulated in fp32 (or fp64) *in place* - ``acc.add_(t, alpha=w)`` promotes
+fp16/bf16 inputs without a temporary - and a non-linear one (TIES, DARE, geometric median) is called on the key's
+members. Each key's arithmetic is sequential in recipe member order, so results do not depend on thread count.
+Planning is :mod:`.plan`, threads and sinks :mod:`.execute`.
 
 On CUDA the same plan runs with pinned host staging buffers: worker threads read into pinned memory, the main
 thread issues non-blocking host-to-device copies on a side stream and accumulates on the GPU, so transfers overlap
@@ -15,254 +16,53 @@ arithmetic; tensors reach the sink on the GPU (the renderer's swap copies them d
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from astolfo_opt.checkpoint.io import FP8_DTYPES, CheckpointReader, open_checkpoint
+from astolfo_opt.checkpoint.io import FP8_DTYPES
 from astolfo_opt.checkpoint.layout import (
     MERGE_COMPONENTS,
     PASSTHROUGH_COMPONENTS,
     Layout,
-    LayoutEntry,
     block_of,
-    canonical_key,
-    component_of,
-    detect_architecture,
-    detect_size,
-    get_layout,
 )
-from astolfo_opt.checkpoint.prediction import MARKER_KEYS, Prediction, effective_prediction, pool_prediction, prediction_of
+from astolfo_opt.checkpoint.prediction import MARKER_KEYS
 from astolfo_opt.errors import CheckpointError, ConfigError, NonFiniteError
+from astolfo_opt.merge.execute import (
+    MergeSink,
+    _all_finite,
+    _itemsize,
+    _numel,
+    add_into,
+    narrow,
+    run_plan,
+    scratch,
+)
 from astolfo_opt.merge.methods import Inputs, Linear, MergeMethod
+from astolfo_opt.merge.plan import (
+    MergeStats,
+    ModelSet,
+    PlannedTensor,
+    check_prediction,
+    layout_for,
+    parse_dtype,
+    passthrough_source,
+    plan_output,
+    resolve_device,
+)
 from astolfo_opt.merge.recipe import ComponentRecipe, Recipe
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
-          "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    key: str
-    component: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-class MergeSink(Protocol):
-    def begin(self, plan: list[PlannedTensor]) -> None: ...
-
-    def consume(self, key: str, tensor: torch.Tensor) -> None: ...
-
-    def end(self) -> None: ...
-
-
-@dataclass
-class MergeStats:
-    models: int = 0
-    keys: int = 0
-    seconds: float = 0.0
-    bytes_read: int = 0
-    tensors_read: int = 0
-    components: list[str] = field(default_factory=list)
-    models_read: set[str] = field(default_factory=set)
-
-    def summary(self) -> str:
-        return (f"merged {self.keys} keys from {self.models} models in {self.seconds:.2f} s "
-                f"({self.bytes_read / 1e9:.2f} GB read)")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        d = None
-    if d is None or d.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={device!r} is not supported: use auto, cpu or cuda (cuda:N)")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda was requested but CUDA is not available (use device=auto or cpu)")
-    return d
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-class ModelSet:
-    """Open readers for a recipe's models with a canonical-key index each (opened once, reused by every merge)."""
-
-    def __init__(self, models: dict[str, str], arch: str | None = None):
-        self.paths: dict[str, Path] = {}
-        self.readers: dict[str, CheckpointReader] = {}
-        self.index: dict[str, dict[str, str]] = {}  # model -> canonical -> raw key
-        self.arch = arch
-        self.extend(models)
-
-    def extend(self, models: dict[str, str]) -> None:
-        """Open the readers of ``models`` not open yet (the trial loop's recipes name different subsets of one pool:
-        each file's header is parsed once per study, not once per trial)."""
-        archs = {}
-        try:
-            for name, path in models.items():
-                if name in self.readers:
-                    continue
-                path = Path(path)
-                r = open_checkpoint(path)
-                self.paths[name], self.readers[name] = path, r
-                a = detect_architecture(r.keys())
-                if a is None:
-                    raise CheckpointError(path, "not a Stable Diffusion checkpoint (no UNet / text encoder keys found)")
-                archs[name] = a
-                self.index[name] = {canonical_key(a, k): k for k in r.keys()}  # noqa: SIM118 - readers are not iterable
-        except BaseException:
-            self.close()
-            raise
-        found = sorted(set(archs.values()))
-        if self.arch is None and len(found) > 1:
-            mixed = ", ".join(f"{n}={a}" for n, a in archs.items())
-            self.close()
-            raise ConfigError(f"the models mix architectures ({mixed}); merge only models of one architecture")
-        if self.arch is None and found:
-            self.arch = found[0]
-        for name, a in archs.items():
-            if a != self.arch:
-                self.close()
-                raise CheckpointError(self.paths[name], f"is {a}, the merge is {self.arch}")
-
-    def prediction(self, model: str) -> Prediction:
-        """What ``model``'s file states about its prediction type (headers only)."""
-        return prediction_of(self.readers[model])
-
-    def serves(self, models: dict[str, str]) -> bool:
-        """True when no name of ``models`` is open with another file (then :meth:`extend` can reuse this set)."""
-        return all(n not in self.paths or self.paths[n] == Path(p) for n, p in models.items())
-
-    def has(self, model: str, key: str) -> bool:
-        return key in self.index[model]
-
-    def info(self, model: str, key: str):
-        return self.readers[model].info(self.index[model][key])
-
-    def read(self, model: str, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.readers[model].read(self.index[model][key], out)
-
-    def mappable(self, model: str) -> bool:
-        return self.readers[model].format == "safetensors"
-
-    def view(self, model: str, key: str) -> torch.Tensor:
-        """A read-only view into the file mapping (never write to it)."""
-        return self.readers[model].get(self.index[model][key])
-
-    def close(self) -> None:
-        for r in self.readers.values():
-            r.close()
-
-
-def layout_for(models: ModelSet) -> Layout:
-    """The shipped layout for the first model's size; for a size we do not ship (a custom-width model), a layout
-    built from the union of the canonical keys the models hold (all optional: each key is emitted when a source of
-    its component has it), with the first holder's shapes."""
-    first_name = next(iter(models.readers))
-    first = models.readers[first_name]
-    shapes = {c: first.info(raw).shape for c, raw in models.index[first_name].items()}
-    size = detect_size(models.arch, shapes)
-    if size is not None:
-        return get_layout(models.arch, size)
-    order = [*MERGE_COMPONENTS, *PASSTHROUGH_COMPONENTS]
-    seen: dict[str, LayoutEntry] = {}
-    for name, index in models.index.items():
-        for key, raw in index.items():
-            comp = component_of(models.arch, key)
-            if key in seen or comp not in order:
-                continue
-            info = models.readers[name].info(raw)
-            seen[key] = LayoutEntry(key, tuple(info.shape), str(info.dtype).removeprefix("torch."), True, comp,
-                                    block_of(models.arch, key))
-    entries = sorted(seen.values(), key=lambda e: order.index(e.component))  # stable: file order within a component
-    log.warning("%s: UNet widths match no shipped %s layout; merging the union of the models' keys", first.path, models.arch)
-    return Layout(models.arch, "custom", entries)
-
-
-def plan_output(recipe: Recipe, models: ModelSet, layout: Layout, out_dtype: torch.dtype,
-                components: Iterable[str] | None = None) -> list[PlannedTensor]:
-    """Output keys in layout order: required keys, plus optional ones some source has; pass-through from the base."""
-    wanted = set(components) if components is not None else None
-    plan = []
-    for key, e in layout.entries.items():
-        comp = e.component
-        if comp == "ema":
-            continue  # EMA copies are dropped: the merge is of the live weights
-        if comp in PASSTHROUGH_COMPONENTS:
-            src = None if wanted is not None else passthrough_source(recipe, models, key)
-            if src is not None:
-                plan.append(PlannedTensor(key, comp, models.info(src, key).dtype, e.shape))
-            continue
-        if wanted is not None and comp not in wanted:
-            continue
-        sources = _sources(recipe, comp)
-        if not sources:
-            continue  # not in the recipe and no base to copy it from: the output has no such component
-        if e.optional and not any(models.has(m, key) for m in sources):
-            continue
-        if key.endswith("position_ids"):
-            plan.append(PlannedTensor(key, comp, torch.int64, e.shape))
-            continue
-        plan.append(PlannedTensor(key, comp, out_dtype, e.shape))
-    return plan
-
-
-def passthrough_source(recipe: Recipe, models: ModelSet, key: str) -> str | None:
-    """The model whose ``key`` is copied unchanged (schedule buffers, markers): the base. A prediction marker
-    (``v_pred`` / ``ztsnr``) also comes from any model that has it when the base does not (``merge --average`` of
-    v-pred files has no base): dropping it would turn v-prediction weights into a file every tool samples as epsilon.
-    The pool check (:func:`check_prediction`) has already refused a pool where only some models carry it."""
-    if recipe.base is not None and models.has(recipe.base, key):
-        return recipe.base
-    if key in MARKER_KEYS:
-        return next((m for m in recipe.models if models.has(m, key)), None)
-    return None
-
-
-def check_prediction(recipe: Recipe, models: ModelSet, allow: str = "allow_mixed_prediction: true (recipe) or "
-                     "--allow-mixed-prediction") -> str | None:
-    """The recipe's one prediction type (v_prediction / epsilon / None: unknown); a pool that mixes them is a
-    one-line :class:`ConfigError` unless ``recipe.allow_mixed_prediction`` (then a warning)."""
-    types = {n: effective_prediction(models.arch, models.prediction(n).type) for n in recipe.models}
-    try:
-        return pool_prediction(types, allow)
-    except ConfigError as e:
-        if not recipe.allow_mixed_prediction:
-            raise
-        log.warning("%s (merging anyway: allow_mixed_prediction is set)", e)
-        return None
 
 
 def _upcast_fp8(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """fp8 tensors (F8_E4M3 / F8_E5M2 files) widened to the accumulation dtype on read: exact, and every later
     operation (accumulate, finite checks, anchors) then sees an ordinary float tensor."""
     return t.to(acc) if t.dtype in FP8_DTYPES else t
-
-
-def _sources(recipe: Recipe, comp: str) -> list[str]:
-    cr = recipe.components.get(comp)
-    names = cr.involved() if cr else []
-    return [*names, recipe.base] if recipe.base and recipe.base not in names else names
 
 
 class KeyComputer:
@@ -538,291 +338,6 @@ class _LoadedMembers:
         return (self[i] for i in range(len(self.names)))
 
 
-_CHUNK = 1 << 20  # elements: a 4 MiB fp32 slice stays in cache between the widening copy and the add
-_scratch = threading.local()
-
-
-def _chunk_buffer(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (dtype, device)
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    if key not in bufs:
-        bufs[key] = torch.empty(_CHUNK, dtype=dtype, device=device)
-    return bufs[key]
-
-
-def add_into(acc: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``acc += alpha * t`` for a narrower ``t`` (fp16/bf16 into fp32/fp64).
-
-    torch's mixed-dtype ``add_`` takes a scalar casting path measured ~3x slower than widening a cache-sized slice
-    into a per-thread buffer (a vectorised copy) and adding same-dtype slices; no full-size temporary is made."""
-    if t.dtype == acc.dtype or acc.device.type != "cpu" or t.numel() <= _CHUNK:
-        return acc.add_(t, alpha=alpha)
-    a, x, buf = acc.view(-1), t.reshape(-1), _chunk_buffer(acc.dtype, acc.device)
-    n = a.numel()
-    for i in range(0, n, _CHUNK):
-        j = min(i + _CHUNK, n)
-        c = buf[: j - i]
-        c.copy_(x[i:j])
-        a[i:j].add_(c, alpha=alpha)
-    return acc
-
-
-class _Direct(threading.local):
-    """Per worker thread: where the key being computed may also be written (a live module's parameter, see
-    :func:`run_plan`), and whether the final :func:`narrow` did write it."""
-
-    dest: torch.Tensor | None = None
-    wrote: bool = False
-
-
-_direct = _Direct()
-
-
-def narrow(acc: torch.Tensor, scale: float, out_dtype: torch.dtype, *, inplace: bool = True) -> torch.Tensor:
-    """``acc * scale`` as a new ``out_dtype`` tensor, slice by slice (scale same-dtype, then a vectorised narrowing
-    copy: ~2x faster than a mixed-dtype ``mul(out=)``). ``inplace=False`` leaves ``acc`` untouched (cached sums).
-
-    When the sink offered a direct destination for this key (:func:`run_plan`), each narrowed slice is also copied
-    into it while it is still in cache: the swap into a live pipeline then costs no second pass over the model."""
-    out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
-    dest = _direct.dest
-    if dest is not None and (dest.numel() != acc.numel() or dest.device != acc.device):
-        dest = None
-    _direct.dest = None  # one key, one final narrowing
-    if acc.device.type != "cpu" or acc.numel() <= _CHUNK:
-        out = torch.mul(acc, scale, out=out) if scale != 1.0 else out.copy_(acc)
-        if dest is not None:
-            dest.copy_(out.view(-1))
-        _direct.wrote = dest is not None  # a recomputed key (NaN policy) is then handed over by copy, not direct
-        return out
-    a, o = acc.view(-1), out.view(-1)
-    buf = None if inplace else _chunk_buffer(acc.dtype, acc.device)
-    n = a.numel()
-    for i in range(0, n, _CHUNK):
-        j = min(i + _CHUNK, n)
-        if scale == 1.0:
-            o[i:j].copy_(a[i:j])
-        elif inplace:
-            o[i:j].copy_(a[i:j].mul_(scale))
-        else:
-            o[i:j].copy_(torch.mul(a[i:j], scale, out=buf[: j - i]))
-        if dest is not None:
-            dest[i:j].copy_(o[i:j])
-    _direct.wrote = dest is not None
-    return out
-
-
-def update_and_narrow(s: torch.Tensor, adds: list[tuple[torch.Tensor, float]], scale: float, out_dtype: torch.dtype,
-                      anchor: torch.Tensor | None = None, anchor_weight: float = 0.0) -> tuple[torch.Tensor, bool]:
-    """The incremental merger's whole per-key update in one pass over the cached fp32 sum ``s``:
-    ``s += Σ d·t`` (in place), then the output ``scale·s`` (or ``scale·s + anchor_weight·anchor``) narrowed to
-    ``out_dtype`` - slice by slice on CPU, so each slice of ``s`` is read and written once while in cache instead
-    of once per step (add, finite check, narrow). Arithmetic per element is the same as the step-by-step form.
-    Returns ``(out, finite)``; ``finite`` is False when an added tensor brought NaN / Inf into ``s`` (the caller
-    then rebuilds that key with per-model checks). Honours the direct destination like :func:`narrow`."""
-    def combine(chunk: torch.Tensor, anc: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
-        if anc is None:
-            return torch.mul(chunk, scale, out=buf) if scale != 1.0 else chunk
-        return torch.mul(chunk, scale, out=buf).add_(anc, alpha=anchor_weight)
-
-    if s.device.type != "cpu" or s.numel() <= _CHUNK:
-        for t, d in adds:
-            add_into(s, t, d)
-        finite = not adds or _all_finite(s)
-        if anchor is None:
-            return narrow(s, scale, out_dtype, inplace=False), finite
-        return narrow(torch.mul(s, scale).add_(anchor, alpha=anchor_weight), 1.0, out_dtype), finite
-    dest = _direct.dest
-    if dest is not None and dest.numel() != s.numel():
-        dest = None
-    _direct.dest = None
-    out = torch.empty(s.shape, dtype=out_dtype, device=s.device)
-    sv, o = s.view(-1), out.view(-1)
-    flat = [(t.reshape(-1), d) for t, d in adds]
-    av = anchor.reshape(-1) if anchor is not None else None
-    wide, buf = _chunk_buffer(s.dtype, s.device), _chunk_buffer2(s.dtype, s.device)
-    finite, n = True, sv.numel()
-    for i in range(0, n, _CHUNK):
-        j = min(i + _CHUNK, n)
-        c = sv[i:j]
-        for x, d in flat:
-            w = wide[: j - i]
-            w.copy_(x[i:j])
-            c.add_(w, alpha=d)
-        if flat and finite and not bool(torch.isfinite(c.sum())) and not bool(torch.isfinite(c).all()):
-            finite = False
-        r = combine(c, None if av is None else av[i:j], buf[: j - i])
-        o[i:j].copy_(r)
-        if dest is not None:
-            dest[i:j].copy_(o[i:j])
-    _direct.wrote = dest is not None
-    return out, finite
-
-
-def _chunk_buffer2(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A second per-thread slice buffer (the fused update needs one for widening and one for the result)."""
-    key = ("second", dtype, device)
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    if key not in bufs:
-        bufs[key] = torch.empty(_CHUNK, dtype=dtype, device=device)
-    return bufs[key]
-
-
-def scratch(name: str, nbytes: int, device: torch.device) -> torch.Tensor:
-    """This thread's reusable byte buffer ``name`` (grown on demand, never shrunk: bounded by the largest tensor)."""
-    bufs = getattr(_scratch, "named", None)
-    if bufs is None:
-        bufs = _scratch.named = {}
-    buf = bufs.get((name, device))
-    if buf is None or buf.numel() < nbytes:
-        buf = bufs[(name, device)] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-    return buf
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """One same-dtype reduction instead of an elementwise mask (~25x cheaper): the sum is finite iff every element
-    is, unless the sum itself overflows - then the exact elementwise check decides."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    if t.dtype in FP8_DTYPES:  # no reductions for float8 in torch: check the exact fp16 widening (fp8 fits in fp16)
-        t = t.to(torch.float16)
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def default_threads() -> int:
-    """One key-worker per core (at most 4: beyond that the merge is bound by memory bandwidth)."""
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-@contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op (OpenMP) thread count; ``None`` leaves it alone.
-
-    The CPU merge parallelises across keys (worker threads) instead of inside each op: merge ops are short
-    (most tensors are small), and an OpenMP barrier per op waits for every team thread to be scheduled, which on a
-    busy machine was measured to make a 1-worker merge of a tiny SDXL pool 13x slower (30 s vs 2.2 s). Restored on
-    exit, so the renderer that runs after a trial's merge keeps its own setting."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-#: below this many output bytes a plan runs in the calling thread (measured: a tiny SD1 model's 1,100 keys merge ~2x
-#: faster inline than through the pool, whose per-key hand-off dominates when tensors are a few KB)
-INLINE_PLAN_BYTES = 32 << 20
-
-
-def _plan_bytes(plan: list[PlannedTensor]) -> int:
-    return sum(_numel(pt.shape) * _itemsize(pt.dtype) for pt in plan)
-
-
-def run_plan(plan: list[PlannedTensor], compute, sink: MergeSink, *, threads: int | None = None,
-             progress: bool = False, desc: str = "merge", device: torch.device | None = None) -> int:
-    """Compute every planned tensor (``compute(pt) -> tensor``) with bounded look-ahead; feed the sink in order.
-
-    Workers compute keys (reading, repairing, accumulating) while the calling thread hands finished tensors to the
-    sink in layout order, so file writes overlap arithmetic and at most ``2 * threads`` results are in flight."""
-    threads = threads or default_threads()
-    with intra_op_threads(1 if device is None or device.type == "cpu" else None):
-        return _run_plan(plan, compute, sink, threads, progress, desc)
-
-
-def _direct_compute(compute, sink: MergeSink):
-    """Wrap ``compute`` so that a sink offering ``direct_target(key)`` (the live-pipeline swap) receives the key's
-    final narrowing pass in place; returns ``(tensor, written)`` per key."""
-    target = getattr(sink, "direct_target", None)
-    if target is None or not hasattr(sink, "mark_written"):
-        return lambda pt: (compute(pt), False)
-
-    def run(pt: PlannedTensor) -> tuple[torch.Tensor, bool]:
-        _direct.dest, _direct.wrote = target(pt.key), False
-        try:
-            t = compute(pt)
-            return t, _direct.wrote
-        finally:
-            _direct.dest, _direct.wrote = None, False
-
-    return run
-
-
-def _run_plan(plan: list[PlannedTensor], compute, sink: MergeSink, threads: int, progress: bool, desc: str) -> int:
-    work = _direct_compute(compute, sink)
-
-    def hand_over(pt: PlannedTensor, result: tuple[torch.Tensor, bool]) -> None:
-        t, written = result
-        if written:
-            sink.mark_written(pt.key)  # type: ignore[attr-defined]
-        sink.consume(pt.key, t)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(plan), desc=desc, unit="key", dynamic_ncols=True)
-    sink.begin(plan)
-    done = 0
-    try:
-        if threads <= 1 or _plan_bytes(plan) < INLINE_PLAN_BYTES:
-            # Small plans (tiny models, one changed block): thread hand-offs would cost more than the arithmetic.
-            for pt in plan:
-                hand_over(pt, work(pt))
-                done += 1
-                if bar:
-                    bar.update()
-            sink.end()
-            return done
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
-            window: deque[tuple[PlannedTensor, Future]] = deque()
-            it: Iterator[PlannedTensor] = iter(plan)
-            for pt in it:
-                window.append((pt, pool.submit(work, pt)))
-                if len(window) >= 2 * threads:
-                    break
-            while window:
-                pt, fut = window.popleft()
-                res = fut.result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    window.append((nxt, pool.submit(work, nxt)))
-                hand_over(pt, res)
-                done += 1
-                if bar:
-                    bar.update()
-    except BaseException:
-        abort = getattr(sink, "abort", None)
-        if abort:
-            abort()
-        raise
-    finally:
-        if bar:
-            bar.close()
-    sink.end()
-    return done
-
-
 def merge(recipe: Recipe, sink: MergeSink, *, device: str | torch.device = "auto", out_dtype: str | torch.dtype = torch.float16,
           accumulate_dtype: str | torch.dtype = torch.float32, components: Iterable[str] | None = None,
           threads: int | None = None, progress: bool = False, models: ModelSet | None = None) -> MergeStats:
@@ -868,5 +383,5 @@ def merge(recipe: Recipe, sink: MergeSink, *, device: str | torch.device = "auto
             ms.close()
 
 
-__all__ = ["MergeSink", "MergeStats", "ModelSet", "PlannedTensor", "KeyComputer", "merge", "run_plan", "plan_output",
-           "layout_for", "resolve_device", "parse_dtype", "component_of"]
+__all__ = ["KeyComputer", "merge"]
+

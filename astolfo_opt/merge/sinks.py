@@ -11,7 +11,7 @@ import torch
 from astolfo_opt import __version__
 from astolfo_opt.checkpoint.hashing import legacy_model_hash
 from astolfo_opt.checkpoint.writer import SafetensorsWriter, clean_stale_partials
-from astolfo_opt.merge.kernel import PlannedTensor
+from astolfo_opt.merge.plan import PlannedTensor
 from astolfo_opt.merge.recipe import Recipe
 
 #: ModelSpec keys of the base that a merge does not inherit: we set them, or they describe the base's own bytes
