@@ -30,9 +30,9 @@ from astolfo_opt.search.surrogate import (
     SurrogateSampler,
     Unsupported,
     WeightSpace,
-    _finished,
     weight_space_from_files,
 )
+from astolfo_opt.search.surrogate.sampler import _finished
 from astolfo_opt.testing.factory import make_pool
 
 NO_BASE_BITS = {"kind": "inclusion_mbw", "components": ["unet", "te0", "te1"], "min_models": 1, "include_base": False,

@@ -36,6 +36,7 @@ from typing import Any
 
 from astolfo_opt.checkpoint.layout import get_layout
 from astolfo_opt.errors import ConfigError
+from astolfo_opt.merge.methods import get_method
 from astolfo_opt.search.pool import Pool
 
 SPACE_KINDS = ("inclusion", "inclusion_mbw", "weights", "pairwise_mbw")
@@ -194,8 +195,6 @@ class SearchSpace:
     def _methods(self, cfg: Mapping[str, Any]) -> list[str]:
         """``space.methods`` checked against the registry: methods that take any number of members (an inclusion
         space chooses how many), and a base for those that take deltas from one."""
-        from astolfo_opt.merge.methods import get_method
-
         names = [str(m) for m in (cfg.get("methods") or ["weighted_average"])]
         for m in names:
             spec = get_method(m, "space.methods entry")
@@ -211,8 +210,6 @@ class SearchSpace:
         return names
 
     def _method_params(self, comp: str, method: str) -> list[FloatParam]:
-        from astolfo_opt.merge.methods import get_method
-
         over = dict((self.cfg.get("method_params") or {}).get(method) or {})
         out = []
         for p in get_method(method).params:
@@ -327,9 +324,7 @@ class SearchSpace:
         for p in out:  # a start point whose method is not weighted_average also needs that method's parameters
             for (comp, m), ps in self.conditional.items():
                 if self.method_of(comp, p) == m:
-                    from astolfo_opt.merge.methods import get_method
-
-                    p.update({q.name: get_method(m).param(q.name.rsplit(".", 1)[1]).default for q in ps})
+                                p.update({q.name: get_method(m).param(q.name.rsplit(".", 1)[1]).default for q in ps})
         b = self.base_params()
         if b is not None and b != out[0]:
             out.append(b)
@@ -398,8 +393,6 @@ class SearchSpace:
     def _entry(self, comp: str, chosen: list[tuple[str, float]], params: Mapping[str, Any]) -> dict[str, Any]:
         """One component's recipe entry: the chosen members under the chosen method (weights only where the method
         reads them), the base as anchor for MBW and for methods that take deltas from it, the method's parameters."""
-        from astolfo_opt.merge.methods import get_method
-
         name = self.method_of(comp, params)
         m = get_method(name)
         entry: dict[str, Any] = {"method": name, "members": [{"model": x, "weight": round(w, 6) if m.weighted else 1.0}
