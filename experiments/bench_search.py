@@ -47,8 +47,8 @@ PRUNERS = ("none", "incumbent", "median", "successive_halving", "hyperband")
 # ------------------------------------------------------------------------------------------------ one run
 def _sampler(name: str, seed: int):
     """The strategy's sampler exactly as ``astolfo-opt search sampler=NAME`` builds it (shipped conf/sampler file)."""
-    from astolfo_opt.search.oracle import load_conf
     from astolfo_opt.search.study import make_sampler
+    from benchkit.oracle import load_conf
 
     return make_sampler(load_conf("sampler", name), seed, multi=False, constraints=False)
 
@@ -60,8 +60,8 @@ def run_strategy(name: str, space, oracle, *, trials: int, seed: int, noise: flo
     from optuna.trial import TrialState
 
     from astolfo_opt.search.objective import TrialObjective
-    from astolfo_opt.search.oracle import NoisyOracleEvaluator, load_conf
     from astolfo_opt.search.study import enqueue_warm_starts, make_pruner, run_trials
+    from benchkit.oracle import NoisyOracleEvaluator, load_conf
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     ev = NoisyOracleEvaluator(oracle, noise=noise, seed=seed, n_steps=n_steps, render=render)
@@ -137,7 +137,7 @@ def summarise(runs: list[dict[str, Any]], trials: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ setup per seed
 def setup(seed: int, models: int, workdir: Path, backend: str):
-    from astolfo_opt.search.oracle import CachedOracle, draw_target, make_bench_pool, make_oracle, space_from_bench_pool
+    from benchkit.oracle import CachedOracle, draw_target, make_bench_pool, make_oracle, space_from_bench_pool
 
     pool, outliers = make_bench_pool(workdir / f"pool_n{models}_s{seed}", models, seed=seed)
     space = space_from_bench_pool(pool)

@@ -251,7 +251,7 @@ def test_merge_refuses_mixed_architectures_and_nan_by_default(corpus, tmp_path):
 def search_argv(files: list[Path], run_dir: Path, *extra: str) -> list[str]:
     """``astolfo-opt search pool.files=[...]`` with the synthetic evaluator (no renderer needed to reach the pool)."""
     listed = ",".join(f"'{p}'" for p in files)
-    return ["search", f"pool.files=[{listed}]", "evaluator.kind=synthetic", f"run_dir={run_dir}", "progress=false",
+    return ["search", f"pool.files=[{listed}]", "evaluator.kind=benchkit.evaluators.synthetic", f"run_dir={run_dir}", "progress=false",
             "artifacts=false", "n_trials=2", "study_name=hostile", *extra]
 
 

@@ -119,7 +119,7 @@ def test_kill_9_mid_export_leaves_nothing_and_next_run_cleans_up(pool, tmp_path)
     run = tmp_path / "run"
     cfg = {"study_name": "s", "run_dir": str(run), "n_trials": 4, "seed": 0, "progress": False, "artifacts": False,
            "pool": {"folder": str(pool.folder), "base": "base"}, "space": {"kind": "inclusion"},
-           "evaluator": {"kind": "synthetic", "n_steps": 1}, "sampler": {"name": "random"}, "pruner": {"name": "none"},
+           "evaluator": {"kind": "benchkit.evaluators.synthetic", "n_steps": 1}, "sampler": {"name": "random"}, "pruner": {"name": "none"},
            "storage": {"kind": "rdb"}, "strategy": {"name": "optuna"}}
     run_search(cfg)
     out_dir = tmp_path / "export"
@@ -410,8 +410,8 @@ def test_two_search_workers_on_postgres_share_the_study(postgres_url, pool, tmp_
 
     n = 10
     argv = ["search", f"pool.folder={pool.folder}", "pool.base=base", "storage=rdb", f"storage.url='{postgres_url}'",
-            "study_name=pg_workers", f"run_dir={tmp_path / 'run'}", f"n_trials={n}", "evaluator.kind=synthetic",
-            "evaluator.sleep=0.05", "progress=false", "artifacts=false", "reuse_duplicates=false", "pruner=none"]
+            "study_name=pg_workers", f"run_dir={tmp_path / 'run'}", f"n_trials={n}", "evaluator.kind=benchkit.evaluators.synthetic",
+            "+evaluator.sleep=0.05", "progress=false", "artifacts=false", "reuse_duplicates=false", "pruner=none"]
     procs = [subprocess.Popen([sys.executable, "-m", "astolfo_opt.cli", *argv], cwd=tmp_path, env=_env(tmp_path),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     errs = []
@@ -443,7 +443,7 @@ def test_enqueued_warm_starts_are_never_left_waiting(pool, tmp_path):
     run = tmp_path / "run"
     cfg = {"study_name": "w", "run_dir": str(run), "n_trials": 2, "seed": 0, "progress": False, "artifacts": False,
            "warm_start": True, "pool": {"folder": str(pool.folder), "base": "base"}, "space": {"kind": "inclusion"},
-           "evaluator": {"kind": "synthetic", "n_steps": 1}, "sampler": {"name": "random"}, "pruner": {"name": "none"},
+           "evaluator": {"kind": "benchkit.evaluators.synthetic", "n_steps": 1}, "sampler": {"name": "random"}, "pruner": {"name": "none"},
            "storage": {"kind": "rdb"}, "strategy": {"name": "optuna"}}
     run_search(cfg)
     trials = optuna.load_study(study_name="w", storage=f"sqlite:///{run / 'study.db'}").get_trials(deepcopy=False)

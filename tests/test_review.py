@@ -222,7 +222,8 @@ def test_search_with_a_calibration_it_cannot_continue_is_one_line(tiny_pools, tm
 
     def search(cal: Calibration) -> tuple[int, str]:
         path = cal.save(tmp_path / "cal.json")
-        rc = main(["search", "evaluator.kind=synthetic", f"pool.folder={pool.folder}", f"pool.base={pool.base}", "space=inclusion",
+        rc = main(["search", "evaluator.kind=benchkit.evaluators.synthetic", f"pool.folder={pool.folder}", f"pool.base={pool.base}",
+                   "space=inclusion",
                    f"run_dir={tmp_path / 'run'}", "study_name=other", "progress=false", f"objective.calibration={path}"])
         return rc, capsys.readouterr().err
 

@@ -38,16 +38,17 @@ def test_oracle_study_and_export(pool_dir, tmp_path):
     from astolfo_opt.search.export import export_trial
 
     target = {"inc.unet.m00": 0, "inc.te0.m01": 0, "alpha.unet.M00": 0.2, "alpha.unet.OUT05": 0.4}
-    res = run_search(base_cfg(pool_dir, tmp_path, evaluator={"kind": "oracle", "target": target, "out_dtype": "fp32"}))
+    res = run_search(base_cfg(pool_dir, tmp_path, evaluator={"kind": "benchkit.evaluators.oracle", "target": target, "out_dtype": "fp32"}))
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'study.db'}")
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(trials) == 8
     assert trials[0].value == pytest.approx(0.0, abs=1e-5)  # the uniform warm start is the reference: s = 0
     assert all(t.value <= 1.0 + 1e-6 for t in trials) and res.best_values[0] >= trials[0].value
     # the hidden optimum scores 1 through the same evaluator (kernel merge into the distance sink)
-    from astolfo_opt.search.evaluator import OracleEvaluator, TrialContext
+    from astolfo_opt.search.evaluator import TrialContext
     from astolfo_opt.search.pool import resolve_pool
     from astolfo_opt.search.space import SearchSpace
+    from benchkit.evaluators import OracleEvaluator
 
     space = SearchSpace(resolve_pool({"folder": str(pool_dir), "base": "base"}), {"kind": "inclusion_mbw"})
     best = space.candidate({**space.uniform_params(), **target})

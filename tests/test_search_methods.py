@@ -16,11 +16,11 @@ import pytest
 
 from astolfo_opt.errors import ConfigError
 from astolfo_opt.merge.recipe import Recipe
-from astolfo_opt.search.oracle import load_conf
 from astolfo_opt.search.pool import resolve_pool
 from astolfo_opt.search.space import SearchSpace, active_point
 from astolfo_opt.search.study import make_sampler
 from astolfo_opt.testing.factory import make_pool
+from benchkit.oracle import load_conf
 
 METHODS = ["weighted_average", "ties", "dare_ties"]
 

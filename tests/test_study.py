@@ -28,7 +28,8 @@ def pool_dir(tmp_path_factory):
 def cfg_for(pool_dir: Path, run_dir: Path, **over) -> dict:
     cfg = {"study_name": "s", "run_dir": str(run_dir), "n_trials": 12, "seed": 0, "progress": False, "artifacts": False,
            "pool": {"folder": str(pool_dir), "base": "base"}, "space": {"kind": "inclusion_mbw", "mbw": {"components": ["unet"]}},
-           "evaluator": {"kind": "synthetic", "n_steps": 4, "noise": 0.02}, "sampler": {"name": "tpe", "n_startup_trials": 4},
+           "evaluator": {"kind": "benchkit.evaluators.synthetic", "n_steps": 4, "noise": 0.02},
+           "sampler": {"name": "tpe", "n_startup_trials": 4},
            "pruner": {"name": "none"}, "storage": {"kind": "rdb"}, "strategy": {"name": "optuna"}}
     for k, v in over.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
@@ -99,7 +100,8 @@ def test_hydra_app_runs_and_sweeps(pool_dir, tmp_path, monkeypatch, capsys):
     from astolfo_opt.commands.search import run_passthrough
 
     monkeypatch.chdir(tmp_path)
-    common = [f"pool.folder={pool_dir}", "pool.base=base", "evaluator.kind=synthetic", "n_trials=5", "progress=false", "space=inclusion"]
+    common = [f"pool.folder={pool_dir}", "pool.base=base", "evaluator.kind=benchkit.evaluators.synthetic", "n_trials=5",
+              "progress=false", "space=inclusion"]
     assert run_passthrough([*common, "study_name=h1", "pruner=none"]) == 0
     out = capsys.readouterr().out
     assert "study h1" in out and "astolfo-opt dashboard --storage sqlite:///runs/h1/study.db" in out
@@ -110,7 +112,7 @@ def test_hydra_app_runs_and_sweeps(pool_dir, tmp_path, monkeypatch, capsys):
     for name in ("sw_random_0", "sw_random_1", "sw_qmc_0", "sw_qmc_1"):
         assert len(load(tmp_path / "runs" / name, name).trials) == 5
     # bad input: one line, exit 2
-    assert run_passthrough(["pool.folder=/nonexistent", "evaluator.kind=synthetic", "study_name=bad"]) == 2
+    assert run_passthrough(["pool.folder=/nonexistent", "evaluator.kind=benchkit.evaluators.synthetic", "study_name=bad"]) == 2
     assert "error: pool folder not found: /nonexistent" in capsys.readouterr().err
 
 

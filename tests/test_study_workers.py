@@ -32,7 +32,8 @@ def pool_dir(tmp_path_factory):
 def cfg_for(pool_dir: Path, run_dir: Path, **over) -> dict:
     cfg = {"study_name": "s", "run_dir": str(run_dir), "n_trials": 12, "seed": 0, "progress": False, "artifacts": False,
            "pool": {"folder": str(pool_dir), "base": "base"}, "space": {"kind": "inclusion_mbw", "mbw": {"components": ["unet"]}},
-           "evaluator": {"kind": "synthetic", "n_steps": 4, "noise": 0.02}, "sampler": {"name": "tpe", "n_startup_trials": 4},
+           "evaluator": {"kind": "benchkit.evaluators.synthetic", "n_steps": 4, "noise": 0.02},
+           "sampler": {"name": "tpe", "n_startup_trials": 4},
            "pruner": {"name": "none"}, "storage": {"kind": "rdb"}, "strategy": {"name": "optuna"}}
     for k, v in over.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v

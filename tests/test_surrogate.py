@@ -14,15 +14,6 @@ import optuna
 import pytest
 
 from astolfo_opt.errors import ConfigError
-from astolfo_opt.search.oracle import (
-    CachedOracle,
-    GramOracle,
-    NoisyOracleEvaluator,
-    ReferenceOracle,
-    draw_target,
-    make_bench_pool,
-    space_from_bench_pool,
-)
 from astolfo_opt.search.surrogate import (
     ParamMap,
     Projector,
@@ -34,6 +25,15 @@ from astolfo_opt.search.surrogate import (
 )
 from astolfo_opt.search.surrogate.sampler import _finished
 from astolfo_opt.testing.factory import make_pool
+from benchkit.oracle import (
+    CachedOracle,
+    GramOracle,
+    NoisyOracleEvaluator,
+    ReferenceOracle,
+    draw_target,
+    make_bench_pool,
+    space_from_bench_pool,
+)
 
 NO_BASE_BITS = {"kind": "inclusion_mbw", "components": ["unet", "te0", "te1"], "min_models": 1, "include_base": False,
                 "mbw": {"components": ["unet"], "range": [0.0, 1.0]}}
@@ -230,7 +230,8 @@ def test_search_app_runs_the_surrogate_on_the_pool_files(tmp_path, caplog):
     make_checkpoint(tmp_path / "pool" / "m03.safetensors", ModelSpec(seed=33, copy_components={"te0": pool.models[0]}))
     cfg = {"study_name": "sur", "run_dir": str(tmp_path / "run"), "n_trials": 10, "seed": 0, "progress": False, "artifacts": False,
            "pool": {"folder": str(tmp_path / "pool"), "base": "base"}, "space": {"kind": "inclusion_mbw"},
-           "evaluator": {"kind": "synthetic", "n_steps": 2, "noise": 0.02}, "sampler": {"name": "surrogate", "n_startup": 4},
+           "evaluator": {"kind": "benchkit.evaluators.synthetic", "n_steps": 2, "noise": 0.02},
+           "sampler": {"name": "surrogate", "n_startup": 4},
            "pruner": {"name": "incumbent"}, "storage": {"kind": "rdb"}, "strategy": {"name": "optuna"}}
     with caplog.at_level(logging.INFO, logger="astolfo_opt.search"):
         res = run_search(cfg)

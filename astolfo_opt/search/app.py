@@ -151,6 +151,7 @@ def run_search(cfg: Any) -> SearchResult:
             study.set_user_attr("objective", {"names": evaluator.names, "directions": evaluator.directions,
                                               "scorers": evaluator.scorer_names, "prompt_set_hash": evaluator.prompt_set_hash,
                                               "evaluator": ev_cfg.get("kind", "pipeline"),
+                                              "hashes_tensors": getattr(evaluator, "hashes_tensors", True),
                                               "render_variant": getattr(evaluator, "variant", None),
                                               "scored_with": getattr(evaluator, "scored_with", "automatic"),
                                               **(ObjectiveForm.of_objective(form).as_attr() if form is not None else {})})

@@ -120,8 +120,8 @@ def export_trial(storage: Any, study_name: str, out: str | Path, *, trial: str |
         recorded = t.user_attrs.get("component_hashes") or {}
         prints = t.user_attrs.get("fingerprints") or {}
         verified: str | None = None
-        synthetic = (study.user_attrs.get("objective") or {}).get("evaluator") == "synthetic"  # no real tensors scored
-        if verify and recorded and not synthetic:
+        stand_in = not (study.user_attrs.get("objective") or {}).get("hashes_tensors", True)  # hashes of recipes, not tensors
+        if verify and recorded and not stand_in:
             differ = [c for c, h in recorded.items() if hasher.hashes.get(c) != h]
             bad = [c for c in differ if not (c in prints and fingerprints_close(prints[c], hasher.fingerprints.get(c, {})))]
             if bad:

@@ -37,6 +37,28 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
+def coefficients(spec: Mapping[str, Any], names: Sequence[str], comp: str, block: str) -> list[float]:
+    """Weights ``c_i`` with ``θ_b = Σ_i c_i M_i`` (models ``names``) for one component block of a recipe spec: the
+    merge-method registry's coefficients (:meth:`ComponentRecipe.form`); a component absent from the spec is the
+    base's. A non-linear method (TIES, DARE, ...) has none: one-line ConfigError."""
+    idx = {n: i for i, n in enumerate(names)}
+    c = [0.0] * len(names)
+    entry = (spec.get("components") or {}).get(comp)
+    if entry is None:
+        c[idx[spec["base"]]] = 1.0
+        return c
+    cr = ComponentRecipe.from_dict(entry, comp)
+    if not cr.spec.linear:
+        raise ConfigError(f"oracle: component {comp} uses method {cr.method}, which is not linear (no weight-space coefficients)")
+    try:
+        coef = cr.form(block).coefficients(base=spec.get("base"))
+    except ConfigError as e:
+        raise ConfigError(f"oracle: component {comp}: {e}") from None
+    for m, v in coef.items():
+        c[idx[m]] += v
+    return c
+
+
 @dataclass
 class WeightSpace:
     """Per-(component, MBW block) Gram matrices of the pool's deltas from a reference model (the base).
@@ -54,8 +76,6 @@ class WeightSpace:
 
     def coords(self, spec: Mapping[str, Any]) -> np.ndarray:
         """``u`` [K, n] of a recipe spec (the search core's JSON form; contracts as in the oracle's ``coefficients``)."""
-        from astolfo_opt.search.oracle import coefficients
-
         allnames = [self.ref, *self.names]
         out = np.zeros((len(self.blocks), len(self.names)))
         comps = spec.get("components") or {}

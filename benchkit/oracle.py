@@ -14,7 +14,7 @@ Three ways to get ``s`` of a recipe spec (same number up to float rounding; test
   affordable on a laptop.
 - ``reference``: a plain torch merge of the recipe (fp32, all tensors in memory) - the validation of ``gram``.
 - ``kernel``: the real streaming merge kernel (``astolfo_opt.merge``: IncrementalMerger into a distance sink) through
-  :class:`astolfo_opt.search.evaluator.OracleEvaluator`.
+  :class:`benchkit.evaluators.OracleEvaluator`.
 
 :class:`NoisyOracleEvaluator` plugs an oracle into the search core's :class:`Evaluator` interface (so strategies run
 through the real study / objective / sampler code) and can emit ``n_steps`` per-prompt proxy scores - a noisy,
@@ -36,9 +36,9 @@ import torch
 from astolfo_opt.checkpoint.io import open_checkpoint
 from astolfo_opt.checkpoint.layout import block_of, canonical_key, component_of
 from astolfo_opt.errors import ConfigError
-from astolfo_opt.merge.recipe import ComponentRecipe
 from astolfo_opt.search.evaluator import BatchResult, Evaluator, TrialContext
 from astolfo_opt.search.space import BoolParam, Candidate, SearchSpace
+from astolfo_opt.search.surrogate.geometry import coefficients
 
 BACKENDS = ("gram", "reference", "kernel")
 
@@ -112,35 +112,13 @@ def load_conf(group: str, name: str) -> dict[str, Any]:
     """A shipped ``conf/<group>/<name>.yaml`` as a plain dict (the benchmark runs what ``astolfo-opt search`` runs)."""
     import yaml
 
-    path = Path(__file__).resolve().parents[2] / "conf" / group / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[1] / "conf" / group / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"no shipped config conf/{group}/{name}.yaml")
     return dict(yaml.safe_load(path.read_text()) or {})
 
 
 # ------------------------------------------------------------------------------------------------ coefficients
-def coefficients(spec: Mapping[str, Any], names: Sequence[str], comp: str, block: str) -> list[float]:
-    """Weights ``c_i`` with ``θ_b = Σ_i c_i M_i`` (models ``names``) for one component block of a recipe spec: the
-    merge-method registry's coefficients (:meth:`ComponentRecipe.form`); a component absent from the spec is the
-    base's. A non-linear method (TIES, DARE, ...) has none: one-line ConfigError."""
-    idx = {n: i for i, n in enumerate(names)}
-    c = [0.0] * len(names)
-    entry = (spec.get("components") or {}).get(comp)
-    if entry is None:
-        c[idx[spec["base"]]] = 1.0
-        return c
-    cr = ComponentRecipe.from_dict(entry, comp)
-    if not cr.spec.linear:
-        raise ConfigError(f"oracle: component {comp} uses method {cr.method}, which is not linear (no weight-space coefficients)")
-    try:
-        coef = cr.form(block).coefficients(base=spec.get("base"))
-    except ConfigError as e:
-        raise ConfigError(f"oracle: component {comp}: {e}") from None
-    for m, v in coef.items():
-        c[idx[m]] += v
-    return c
-
-
 def _component_blocks(arch: str, keys: Sequence[str], components: Sequence[str], time_embed_block: str):
     """canonical key -> (component, block) for the float tensors the oracle measures."""
     out = {}
@@ -241,10 +219,10 @@ class ReferenceOracle:
 
 
 class KernelOracle:
-    """``s`` through the real merge kernel: the search core's OracleEvaluator (IncrementalMerger -> distance sink)."""
+    """``s`` through the real merge kernel: benchkit.evaluators.OracleEvaluator (IncrementalMerger -> distance sink)."""
 
     def __init__(self, space: SearchSpace, target_spec: Mapping[str, Any], device: str = "cpu"):
-        from astolfo_opt.search.evaluator import OracleEvaluator
+        from benchkit.evaluators import OracleEvaluator
 
         self.ev = OracleEvaluator(space, dict(target_spec), device=device, out_dtype="fp32")
         self.space = space
