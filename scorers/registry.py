@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from astolfo_opt.config import to_plain
 from astolfo_opt.errors import ConfigError
 from scorers.base import Scorer, is_missing
 
@@ -37,24 +38,6 @@ if TYPE_CHECKING:
 
 _SCORERS: dict[str, Scorer] = {}
 _LOCK = threading.RLock()
-
-
-def to_plain(cfg: Any, key: str) -> Any:
-    """Resolve an OmegaConf node (interpolations, ``???``) into plain Python containers, naming the missing key."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
-    except ImportError:  # pragma: no cover - hydra-core is a hard dependency
-        return cfg
-    if isinstance(cfg, DictConfig | ListConfig):
-        try:
-            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as e:
-            sub = getattr(e, "full_key", "") or ""
-            raise ConfigError(f"{key}.{sub} is required (set it on the command line: {key}.{sub}=...)") from None
-        except InterpolationResolutionError as e:
-            raise ConfigError(f"{key}: cannot resolve {getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
-    return cfg
 
 
 def _import_target(target: Any, key: str) -> Callable[..., Any]:

@@ -45,10 +45,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _bpe_source() -> Path:
-    try:
-        from open_clip import tokenizer as oc_tok
-    except ImportError as e:  # pragma: no cover - open_clip is a main dependency
-        raise AstolfoError("open_clip is not installed: it ships the CLIP BPE vocabulary (pip install open_clip_torch)") from e
+    from open_clip import tokenizer as oc_tok  # a main dependency: it ships the CLIP BPE vocabulary
     path = Path(oc_tok.default_bpe())
     if not path.is_file():  # pragma: no cover
         raise AstolfoError(f"open_clip's BPE vocabulary is missing: {path} (reinstall open_clip_torch)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astolfo_opt.config import to_plain
 from astolfo_opt.errors import ConfigError
 
 log = logging.getLogger("astolfo_opt.search")
@@ -22,21 +23,7 @@ log = logging.getLogger("astolfo_opt.search")
 def section(cfg: Any, key: str, default: Any = None) -> Any:
     """A config section as plain Python (OmegaConf resolved), naming the key when a value is missing."""
     node = cfg.get(key, default) if isinstance(cfg, Mapping) or hasattr(cfg, "get") else default
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
-    except ImportError:  # pragma: no cover
-        return node
-    if isinstance(node, DictConfig | ListConfig):
-        try:
-            return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as e:
-            full = str(getattr(e, "full_key", "") or "")
-            full = full if full == key or full.startswith(f"{key}.") else f"{key}.{full}" if full else key
-            raise ConfigError(f"{full} is required (set it on the command line: {full}=VALUE)") from None
-        except InterpolationResolutionError as e:
-            raise ConfigError(f"{key}: cannot resolve {getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
-    return node
+    return to_plain(node, key)
 
 
 @dataclass
