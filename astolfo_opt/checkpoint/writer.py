@@ -24,6 +24,40 @@ from astolfo_opt.checkpoint.io import TORCH_TO_ST, dtype_size
 from astolfo_opt.errors import AstolfoError
 
 PARTIAL_MARK = ".partial-"
+#: start the disk write-back of every this many bytes as soon as they are written (see :func:`start_writeback`)
+WRITEBACK_CHUNK = 128 << 20
+
+
+def _libc_sync_file_range():
+    """glibc's ``sync_file_range`` (Linux), or None: Python's ``os`` does not expose it."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` to disk now, without waiting.
+
+    Why: a merge writes its output into the page cache in seconds, and the final ``fsync`` would then pay the whole
+    disk write after the arithmetic is done. Starting write-back as each chunk is complete overlaps the disk with the
+    rest of the merge, so the final ``fsync`` waits only for the tail. A no-op where ``sync_file_range`` is missing."""
+    if _SYNC_FILE_RANGE is not None and nbytes > 0:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # errors only mean "no early write-back"
 
 
 def partial_path(target: Path) -> Path:
@@ -125,6 +159,8 @@ class SafetensorsWriter:
         self._data_start = 8 + len(raw)
         self.total_bytes = self._data_start + offset
         self._pending = set(self._slots)
+        self._unflushed = 0  # bytes written since the last write-back started
+        self._flushed_to = self._data_start  # file offset up to which write-back has been started (in-order writes)
         self._tmp = partial_path(self.target)
         try:
             self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -148,6 +184,11 @@ class SafetensorsWriter:
             self.abort()
             _raise_write_error(self.target, e)
         self._pending.discard(key)
+        self._unflushed += n
+        if self._unflushed >= WRITEBACK_CHUNK:  # the merge writes in layout order: everything below here is written
+            end = self._data_start + offset + n
+            start_writeback(self._fd, self._flushed_to, end - self._flushed_to)  # type: ignore[arg-type]
+            self._flushed_to, self._unflushed = end, 0
 
     def commit(self) -> Path:
         if self._pending:
