@@ -59,9 +59,10 @@ def main() -> int:
 
     from astolfo_opt.merge.incremental import IncrementalMerger
     from astolfo_opt.merge.kernel import merge
+    from astolfo_opt.merge.plan import resolve_device
     from astolfo_opt.merge.recipe import Recipe
     from astolfo_opt.merge.sinks import NullSink, SafetensorsSink
-    from astolfo_opt.render.pipeline import build_pipeline, config_dir, resolve_device
+    from astolfo_opt.render.pipeline import build_pipeline, config_dir
     from astolfo_opt.render.prompts import Prompt
     from astolfo_opt.render.settings import RenderSettings
 

@@ -38,8 +38,9 @@ _CHUNK = 1 << 20  # elements: a 4 MiB fp32 slice stays in cache between the wide
 _scratch = threading.local()
 
 
-def _chunk_buffer(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (dtype, device)
+def _chunk_buffer(dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """This thread's slice buffer number ``slot`` (the fused update needs two: one widening, one for the result)."""
+    key = (slot, dtype, device)
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
@@ -138,7 +139,7 @@ def update_and_narrow(s: torch.Tensor, adds: list[tuple[torch.Tensor, float]], s
     sv, o = s.view(-1), out.view(-1)
     flat = [(t.reshape(-1), d) for t, d in adds]
     av = anchor.reshape(-1) if anchor is not None else None
-    wide, buf = _chunk_buffer(s.dtype, s.device), _chunk_buffer2(s.dtype, s.device)
+    wide, buf = _chunk_buffer(s.dtype, s.device), _chunk_buffer(s.dtype, s.device, 1)
     finite, n = True, sv.numel()
     for i in range(0, n, _CHUNK):
         j = min(i + _CHUNK, n)
@@ -155,17 +156,6 @@ def update_and_narrow(s: torch.Tensor, adds: list[tuple[torch.Tensor, float]], s
             dest[i:j].copy_(o[i:j])
     _direct.wrote = dest is not None
     return out, finite
-
-
-def _chunk_buffer2(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A second per-thread slice buffer (the fused update needs one for widening and one for the result)."""
-    key = ("second", dtype, device)
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    if key not in bufs:
-        bufs[key] = torch.empty(_CHUNK, dtype=dtype, device=device)
-    return bufs[key]
 
 
 def scratch(name: str, nbytes: int, device: torch.device) -> torch.Tensor:

@@ -34,6 +34,7 @@ from astolfo_opt.checkpoint.io import open_checkpoint  # noqa: E402
 from astolfo_opt.checkpoint.layout import canonical_key, detect_architecture, detect_size, get_layout  # noqa: E402
 from astolfo_opt.checkpoint.prediction import Prediction, prediction_of  # noqa: E402
 from astolfo_opt.errors import CheckpointError, ConfigError  # noqa: E402
+from astolfo_opt.merge.plan import resolve_device  # noqa: E402
 from astolfo_opt.render.make_configs import VARIANTS, folder_name  # noqa: E402
 from astolfo_opt.render.prompts import Prompt  # noqa: E402
 from astolfo_opt.render.settings import SCHEDULERS, RenderSettings  # noqa: E402
@@ -117,20 +118,6 @@ def config_dir(variant: str, size: str = "full") -> Path:
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        d = None
-    if d is None or d.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={device!r} is not supported: use auto, cpu or cuda (cuda:N)")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda was requested but CUDA is not available (use device=auto or cpu)")
-    return d
 
 
 def _build_modules(arch: str, variant: str, size: str) -> dict[str, torch.nn.Module]:
