@@ -11,7 +11,8 @@ each) in ``--workdir`` (reused when present), warms the page cache, then in one 
    in every component and compare the incremental merge's time against a from-scratch merge of the new recipe.
 
 3. the physical floor of a merge to a file, measured in the same run: starting Python and importing torch (a
-   subprocess), plus writing the output's size of bytes from memory with ``fsync`` (what any tool must do at least).
+   subprocess), plus writing the output's size of bytes from memory with ``fsync`` (what any tool must do at least);
+   and the merge's reads + arithmetic alone (in process, into a sink that keeps nothing), to show which part bounds it.
 
 Every timed command runs once as a warm-up, then ``--repeats`` times (3); the median is reported, both tools with the
 same ``--threads`` (default: ours' default, 2 on the 2-core box), from a warm page cache.
@@ -151,6 +152,29 @@ def timed(cmd: list[str], repeats: int, label: str) -> dict[str, Any]:
     return out
 
 
+def compute_only(paths: list[Path], threads: int, repeats: int) -> dict[str, Any]:
+    """The same merge in this process into a sink that keeps nothing: reads and arithmetic alone, no import, no file
+    (what the file merge would cost if the write were free). Warm-up, then the median of ``repeats``."""
+    import torch
+
+    from astolfo_opt.merge.kernel import merge
+    from astolfo_opt.merge.recipe import Recipe
+    from astolfo_opt.merge.sinks import NullSink
+
+    recipe = Recipe.average(paths)
+    runs = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        merge(recipe, NullSink(), device="cpu", out_dtype=torch.float16, threads=threads)
+        if i:
+            runs.append(time.perf_counter() - t0)
+    gb = sum(p.stat().st_size for p in paths) / 1e9
+    med = sorted(runs)[len(runs) // 2]
+    print(f"compute only (reads + arithmetic, null sink): median {med:.2f} s of {[round(x, 2) for x in runs]} "
+          f"= {gb / med:.1f} GB/s of fp16 input", flush=True)
+    return {"seconds": med, "runs": runs, "input_gb_per_s": gb / med}
+
+
 def bench_full(paths: list[Path], workdir: Path, *, mecha: bool, threads: int | None, arch: str = "sd1",
                device: str = "cpu", repeats: int = 3) -> dict[str, Any]:
     from astolfo_opt.merge.execute import default_threads
@@ -171,6 +195,7 @@ def bench_full(paths: list[Path], workdir: Path, *, mecha: bool, threads: int | 
     res["floor"] = {"import_s": imp["seconds"], "write_s": wr["seconds"], "seconds": imp["seconds"] + wr["seconds"],
                     "write_gb_per_s": out_bytes / 1e9 / wr["seconds"] if wr["seconds"] else None}
     res["ours_over_floor"] = res["ours"]["seconds"] / res["floor"]["seconds"]
+    res["compute_only"] = compute_only(paths, threads, repeats)
     print(f"floor {res['floor']['seconds']:.2f} s -> ours / floor = {res['ours_over_floor']:.2f}x (target <= 1.25x)", flush=True)
     if mecha:
         warm(paths)

@@ -8,6 +8,7 @@ only ever opened with ``torch.load(weights_only=True)``, which refuses anything 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -130,6 +131,9 @@ class CheckpointReader:
         """The tensor as stored (CPU). May share memory with the file mapping: treat it as read-only."""
         raise NotImplementedError
 
+    def release(self, key: str) -> None:
+        """Let go of any mapped pages of ``key`` (see :meth:`SafetensorsReader.release`); nothing to do by default."""
+
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """A private copy of ``key`` (safe to keep or modify)."""
         t = self.get(key)
@@ -221,6 +225,19 @@ class SafetensorsReader(CheckpointReader):
                 raise CheckpointError(self.path, f"truncated file: could not read tensor {key}")
             got += n
         return t.view(info.shape)
+
+    def release(self, key: str) -> None:
+        """Drop this process's mapping of ``key``'s pages (``MADV_DONTNEED``: the page cache keeps them, the next
+        access faults them back in). A merge that reads through the mapping releases each key once it is summed,
+        so its resident set stays at a few tensors however many files it maps."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        lo, hi = self._header[key]["data_offsets"]
+        start = (self._data_start + lo) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(self._data_start + hi, len(self._mm))
+        if end > start:
+            with contextlib.suppress(OSError, ValueError):
+                self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def raw_bytes(self, key: str) -> memoryview:
         """The stored bytes of ``key`` (for hashing without dtype conversion)."""

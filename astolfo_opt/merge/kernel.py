@@ -16,6 +16,7 @@ arithmetic; tensors reach the sink on the GPU (the renderer's swap copies them d
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -76,6 +77,8 @@ class KeyComputer:
         self.models_read: set[str] = set()
         self._local = threading.local()
         self._lock = threading.Lock()
+        #: read transient (summed-at-once) tensors through the file mapping instead of pread (see :meth:`load`)
+        self.map_transient = False
 
     def _count(self, model: str, nbytes: int) -> None:
         with self._lock:  # worker threads read concurrently; tests assert exact read counts
@@ -91,13 +94,20 @@ class KeyComputer:
         transient load, so the caller must consume it at once. Fresh multi-MB allocations page-fault on every use
         (measured ~3x the cost of the widening copy itself), so the hot loop avoids them.
         ``mapped=True`` (CPU, safetensors) returns a read-only view of the file mapping: no copy at all, for the
-        incremental merger's few-model updates (a full merge reads with pread instead, so mapped pages of dozens
-        of files never pile up in its resident set)."""
+        incremental merger's few-model updates. With ``map_transient`` set (the full CPU merge), transient loads are
+        mapped views too, recorded per thread and unmapped by :meth:`release_mapped` once the key is done, so the
+        copy is saved and mapped pages of dozens of files still never pile up in the resident set."""
         if not self.models.has(model, key):
             return None
         if self.device.type == "cuda":
             return _upcast_fp8(self._load_cuda(model, key), self.acc_dtype)
-        if mapped and self.models.mappable(model):
+        if transient and self.map_transient and self.models.mappable(model):
+            t = self.models.view(model, key)
+            held = getattr(self._local, "mapped", None)
+            if held is None:
+                held = self._local.mapped = []
+            held.append((model, key))
+        elif mapped and self.models.mappable(model):
             t = self.models.view(model, key)
         elif transient:
             info = self.models.info(model, key)
@@ -116,6 +126,12 @@ class KeyComputer:
         if self.device.type != "cpu":
             t = t.to(self.device, non_blocking=True)
         return _upcast_fp8(t, self.acc_dtype)
+
+    def release_mapped(self) -> None:
+        """Unmap the pages this thread's mapped transient loads touched (their key is computed)."""
+        held = getattr(self._local, "mapped", None)
+        while held:
+            self.models.release(*held.pop())
 
     def _load_cuda(self, model: str, key: str) -> torch.Tensor:
         """Read into this thread's pinned staging buffer, then copy host-to-device without blocking the host."""
@@ -358,6 +374,7 @@ def merge(recipe: Recipe, sink: MergeSink, *, device: str | torch.device = "auto
                 raise ConfigError(f"unknown component(s) {bad}; use {', '.join(MERGE_COMPONENTS)}")
         plan = plan_output(recipe, ms, layout, out_dt, comps)
         kc = KeyComputer(recipe, ms, layout, dev, acc_dt)
+        kc.map_transient = dev.type == "cpu" and os.environ.get("ASTOLFO_MERGE_PREAD") != "1"
 
         def compute(pt: PlannedTensor) -> torch.Tensor:
             if dev.type == "cuda":  # one stream per worker thread: one key's copy overlaps another's arithmetic
@@ -368,7 +385,10 @@ def merge(recipe: Recipe, sink: MergeSink, *, device: str | torch.device = "auto
                     t = t.to(pt.dtype) if t is not None and t.dtype != pt.dtype else t
                 stream.synchronize()
             else:
-                t = kc.compute(pt.key, pt.component, pt.dtype)
+                try:
+                    t = kc.compute(pt.key, pt.component, pt.dtype)
+                finally:
+                    kc.release_mapped()
             if t is None:
                 raise CheckpointError(ms.paths[next(iter(ms.paths))], f"no model in the recipe provides {pt.key}",
                                       "add a base model that has it (recipe.base)")

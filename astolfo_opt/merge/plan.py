@@ -149,6 +149,10 @@ class ModelSet:
         """A read-only view into the file mapping (never write to it)."""
         return self.readers[model].get(self.index[model][key])
 
+    def release(self, model: str, key: str) -> None:
+        """Unmap ``key``'s pages of ``model`` from this process (see ``SafetensorsReader.release``)."""
+        self.readers[model].release(self.index[model][key])
+
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
