@@ -101,20 +101,15 @@ class KeyComputer:
             return None
         if self.device.type == "cuda":
             return _upcast_fp8(self._load_cuda(model, key), self.acc_dtype)
-        if transient and self.map_transient and self.models.mappable(model):
+        t = self._mapped_view(model, key) if transient and self.map_transient and self.models.mappable(model) else None
+        if t is None and mapped and self.models.mappable(model):
             t = self.models.view(model, key)
-            held = getattr(self._local, "mapped", None)
-            if held is None:
-                held = self._local.mapped = []
-            held.append((model, key))
-        elif mapped and self.models.mappable(model):
-            t = self.models.view(model, key)
-        elif transient:
+        elif t is None and transient:
             info = self.models.info(model, key)
             buf = scratch("read", info.nbytes, self.device)
             out = buf[: info.nbytes].view(info.dtype).view(info.shape) if info.nbytes and info.shape else None
             t = self.models.read(model, key, out)
-        else:
+        elif t is None:
             t = self.models.read(model, key)
         self._count(model, t.numel() * t.element_size())
         want = self.layout.expected_shape(key)
@@ -126,6 +121,22 @@ class KeyComputer:
         if self.device.type != "cpu":
             t = t.to(self.device, non_blocking=True)
         return _upcast_fp8(t, self.acc_dtype)
+
+    def _mapped_view(self, model: str, key: str) -> torch.Tensor | None:
+        """A view of ``key`` in ``model``'s file mapping, recorded for :meth:`release_mapped`; None when the file
+        cannot be mapped (an address-space limit, ``ulimit -v``, smaller than the pool): then this merge reads with
+        ``pread`` from here on, as it did before mapped reads."""
+        try:
+            t = self.models.view(model, key)
+        except OSError as e:
+            log.info("merge: cannot map %s (%s); reading with pread instead", self.models.paths[model], e)
+            self.map_transient = False
+            return None
+        held = getattr(self._local, "mapped", None)
+        if held is None:
+            held = self._local.mapped = []
+        held.append((model, key))
+        return t
 
     def release_mapped(self) -> None:
         """Unmap the pages this thread's mapped transient loads touched (their key is computed)."""
