@@ -126,3 +126,12 @@ def test_surrogate_keeps_to_linear_methods_and_says_when_it_hands_over(pool, cap
     handed = [t for t in st2.trials if "not linear" in str(t.user_attrs.get("sampler_fallback", ""))]
     assert handed and all(t.user_attrs["proposal"] == "staged" for t in handed)
     assert any("covers linear methods only" in r.getMessage() for r in caplog.records)
+
+
+def test_uniform_point_of_a_space_without_weighted_average_is_complete(pool):
+    """The uniform start (also what the oracle normalises by) carries its first method's parameters at their defaults."""
+    sp = _space(pool, methods=["ties", "dare"])
+    uni = sp.uniform_params()
+    assert uni["method.unet"] == "ties" and uni["param.unet.ties.density"] == 0.2 and uni["param.unet.ties.lambda"] == 1.0
+    Recipe.from_dict(sp.candidate(uni).spec).validate()
+    assert sp.warm_starts() == [uni]  # the base alone needs weighted_average

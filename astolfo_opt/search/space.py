@@ -293,6 +293,9 @@ class SearchSpace:
                 out[p.name] = p.high
             else:
                 out[p.name] = 0.5 if p.name.startswith("pair.") else p.high
+        for (comp, m), ps in self.conditional.items():  # a start method other than weighted_average: its defaults
+            if self.method_of(comp, out) == m:
+                out.update({q.name: get_method(m).param(q.name.rsplit(".", 1)[1]).default for q in ps})
         return out
 
     def base_params(self) -> dict[str, Any] | None:
@@ -321,10 +324,6 @@ class SearchSpace:
 
     def warm_starts(self) -> list[dict[str, Any]]:
         out = [self.uniform_params()]
-        for p in out:  # a start point whose method is not weighted_average also needs that method's parameters
-            for (comp, m), ps in self.conditional.items():
-                if self.method_of(comp, p) == m:
-                                p.update({q.name: get_method(m).param(q.name.rsplit(".", 1)[1]).default for q in ps})
         b = self.base_params()
         if b is not None and b != out[0]:
             out.append(b)

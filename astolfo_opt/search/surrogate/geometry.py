@@ -41,17 +41,22 @@ def coefficients(spec: Mapping[str, Any], names: Sequence[str], comp: str, block
     """Weights ``c_i`` with ``θ_b = Σ_i c_i M_i`` (models ``names``) for one component block of a recipe spec: the
     merge-method registry's coefficients (:meth:`ComponentRecipe.form`); a component absent from the spec is the
     base's. A non-linear method (TIES, DARE, ...) has none: one-line ConfigError."""
+    entry = (spec.get("components") or {}).get(comp)
+    return _block_coefficients(None if entry is None else ComponentRecipe.from_dict(entry, comp), spec.get("base"), names,
+                               comp, block)
+
+
+def _block_coefficients(cr: ComponentRecipe | None, base: str | None, names: Sequence[str], comp: str, block: str) -> list[float]:
+    """:func:`coefficients` of an already parsed component (``None``: absent, the base's)."""
     idx = {n: i for i, n in enumerate(names)}
     c = [0.0] * len(names)
-    entry = (spec.get("components") or {}).get(comp)
-    if entry is None:
-        c[idx[spec["base"]]] = 1.0
+    if cr is None:
+        c[idx[base]] = 1.0  # type: ignore[index]
         return c
-    cr = ComponentRecipe.from_dict(entry, comp)
     if not cr.spec.linear:
         raise ConfigError(f"oracle: component {comp} uses method {cr.method}, which is not linear (no weight-space coefficients)")
     try:
-        coef = cr.form(block).coefficients(base=spec.get("base"))
+        coef = cr.form(block).coefficients(base=base)
     except ConfigError as e:
         raise ConfigError(f"oracle: component {comp}: {e}") from None
     for m, v in coef.items():
@@ -79,10 +84,11 @@ class WeightSpace:
         allnames = [self.ref, *self.names]
         out = np.zeros((len(self.blocks), len(self.names)))
         comps = spec.get("components") or {}
+        parsed = {c: ComponentRecipe.from_dict(e, c) for c, e in comps.items()}  # once per component, not per block
         for k, (comp, blk) in enumerate(self.blocks):
             if comp not in comps and not self.ref_is_base:
                 raise ConfigError(f"recipe lacks component {comp} and the pool has no base to take it from")
-            out[k] = coefficients(spec, allnames, comp, blk)[1:]
+            out[k] = _block_coefficients(parsed.get(comp), spec.get("base"), allnames, comp, blk)[1:]
         return out
 
     def dist2(self, u1: np.ndarray, u2: np.ndarray) -> float:
