@@ -3,6 +3,7 @@ through the reference safetensors reader and is atomic."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,9 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
+from astolfo_opt.checkpoint import writer as writer_mod
 from astolfo_opt.checkpoint.io import ST_DTYPES, dtype_size, open_checkpoint, parse_safetensors_header
 from astolfo_opt.checkpoint.writer import (
+    DIRECT_ALIGN,
     PARTIAL_MARK,
+    DirectStream,
     SafetensorsWriter,
     atomic_write_bytes,
     atomic_write_text,
@@ -251,3 +255,95 @@ def test_atomic_text_and_stale_partials(tmp_path):
     assert clean_stale_partials(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and odd.exists()
     assert clean_stale_partials(tmp_path / "missing") == []
+
+
+@pytest.fixture
+def direct(monkeypatch, tmp_path):
+    """Stream even tiny files past the page cache, through 8 KiB staging buffers (tensors span several of them)."""
+    probe = tmp_path / "probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT)
+    stream = DirectStream.open(probe, fd)
+    if stream is None:
+        os.close(fd)
+        pytest.skip(f"{tmp_path} refuses O_DIRECT: the writer's buffered path is the one this filesystem gets")
+    stream.close(flush=False)
+    os.close(fd)
+    probe.unlink()
+    monkeypatch.setattr(writer_mod, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(writer_mod, "DIRECT_BUFFER", 8192)
+
+
+def _mixed_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(3001, generator=g), "b": torch.randn(5, 7, generator=g).half(), "c": torch.randn(20000, generator=g),
+            "d": torch.arange(3, dtype=torch.int64), "e": torch.randn(4099, generator=g).to(torch.bfloat16)}
+
+
+def _buffered_bytes(tmp_path, tensors, metadata=None) -> bytes:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer_mod, "DIRECT_MIN_BYTES", 1 << 62)
+        return save_safetensors(tmp_path / "buffered.safetensors", tensors, metadata).read_bytes()
+
+
+def test_direct_stream_writes_the_same_bytes_as_the_buffered_path(direct, tmp_path):
+    tensors = _mixed_tensors()
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with SafetensorsWriter(tmp_path / "d.safetensors", entries, {"m": "1"}) as w:
+        for k, t in tensors.items():
+            w.write(k, t)
+        streamed, total = w.streamed_bytes, w.total_bytes
+    assert streamed == total  # every byte went through O_DIRECT staging, none through the page-cache path
+    assert (tmp_path / "d.safetensors").read_bytes() == _buffered_bytes(tmp_path, tensors, {"m": "1"})
+    assert total % DIRECT_ALIGN != 0  # the padded last block was truncated away (the comparison above checks it)
+
+
+def test_direct_stream_falls_back_to_buffered_on_an_out_of_order_write(direct, tmp_path):
+    tensors = _mixed_tensors()
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    with SafetensorsWriter(tmp_path / "o.safetensors", entries) as w:
+        for k in ("a", "b", "d", "c", "e"):  # "d" before "c": the stream stops after "b"
+            w.write(k, tensors[k])
+        assert 0 < w.streamed_bytes < w.total_bytes
+    assert (tmp_path / "o.safetensors").read_bytes() == _buffered_bytes(tmp_path, tensors)
+
+
+def test_direct_stream_rewrites_through_the_page_cache_when_the_device_refuses(direct, tmp_path, monkeypatch):
+    """A device whose O_DIRECT alignment is not ours answers EINVAL: the bytes still land, through the buffered fd."""
+    real, direct_fds = os.pwrite, set()
+    real_open = os.open
+
+    def track_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def refuse(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", track_open)
+    monkeypatch.setattr(os, "pwrite", refuse)
+    tensors = _mixed_tensors()
+    target = save_safetensors(tmp_path / "e.safetensors", tensors)
+    monkeypatch.setattr(os, "pwrite", real)
+    assert direct_fds and target.read_bytes() == _buffered_bytes(tmp_path, tensors)
+
+
+def test_direct_stream_disk_full_leaves_nothing(direct, tmp_path, monkeypatch):
+    """ENOSPC raised in the stream's background thread reaches the caller as one line, and the temp file goes."""
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def failing(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(AstolfoError, match="disk full") as ei:
+        save_safetensors(tmp_path / "full.safetensors", {f"k{i}": torch.randn(4096) for i in range(12)})
+    assert "\n" not in str(ei.value) and calls["n"] > 3
+    assert list(tmp_path.iterdir()) == []

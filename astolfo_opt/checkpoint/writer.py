@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import mmap
 import os
+import queue
 import secrets
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -26,6 +29,14 @@ from astolfo_opt.errors import AstolfoError
 PARTIAL_MARK = ".partial-"
 #: start the disk write-back of every this many bytes as soon as they are written (see :func:`start_writeback`)
 WRITEBACK_CHUNK = 128 << 20
+#: files at least this large are streamed past the page cache (:class:`DirectStream`); smaller ones stay buffered,
+#: where an immediate re-read (tests, tiny worlds, a swap right after an export) finds them in memory
+DIRECT_MIN_BYTES = 256 << 20
+#: size of each of the direct stream's staging buffers, and how many it cycles through
+DIRECT_BUFFER = 16 << 20
+DIRECT_BUFFERS = 3
+#: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size; 4 KiB covers 512 B too
+DIRECT_ALIGN = 4096
 
 
 def _libc_sync_file_range():
@@ -128,6 +139,109 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+class DirectStream:
+    """Append-only writer of a file's bytes from offset 0 with ``O_DIRECT``: bytes are copied into page-aligned
+    staging buffers, and a background thread writes each full buffer straight to the disk.
+
+    Why: a buffered ``pwrite`` copies every byte into the page cache, and on a 2-core box that kernel copy (measured
+    ~1.4 s of CPU for a 2.1 GB merge output, 1.5 GB/s) competes with the merge threads; the disk then still has to
+    write it all back. With ``O_DIRECT`` the disk reads our buffer by DMA (2.1 GB in 0.9 s, 0.06 s of CPU, measured
+    on the same box), and our only cost is one user-space copy into the staging buffer. The price: the file is not in
+    the page cache afterwards, which is why small files (:data:`DIRECT_MIN_BYTES`) are not streamed.
+
+    :meth:`open` returns None where the filesystem refuses ``O_DIRECT`` (tmpfs, non-Linux); the first write that
+    fails with ``EINVAL`` (an alignment this device rejects) rewrites that buffer through ``fd`` and turns the stream
+    off, so callers keep a working buffered path in every case."""
+
+    def __init__(self, dfd: int, fd: int):
+        self._dfd, self._fd = dfd, fd
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for _ in range(DIRECT_BUFFERS):
+            self._free.put(mmap.mmap(-1, DIRECT_BUFFER))  # anonymous maps are page-aligned
+        self._full: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None] = queue.SimpleQueue()
+        self._buf: mmap.mmap | None = None
+        self._fill = 0  # bytes in the current buffer
+        self.pos = 0  # file offset of the next appended byte
+        self.error: OSError | None = None
+        self.direct_ok = True
+        self._thread = threading.Thread(target=self._drain, name="direct-writer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, path: Path, fd: int) -> DirectStream | None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            dfd = os.open(path, os.O_WRONLY | flag)
+        except OSError:
+            return None
+        return cls(dfd, fd)
+
+    def _drain(self) -> None:
+        while (item := self._full.get()) is not None:
+            buf, offset, n = item
+            if self.error is None:
+                try:
+                    self._write(memoryview(buf)[:n], offset)
+                except OSError as e:
+                    self.error = e
+            self._free.put(buf)
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        """Write ``view`` at ``offset``: directly while the device accepts it, else through the buffered fd."""
+        pos, n = 0, len(view)
+        while pos < n:
+            if self.direct_ok and (n - pos) % DIRECT_ALIGN == 0 and (offset + pos) % DIRECT_ALIGN == 0:
+                try:
+                    pos += os.pwrite(self._dfd, view[pos:], offset + pos)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct_ok = False
+            pos += os.pwrite(self._fd, view[pos:], offset + pos)
+
+    def append(self, data: memoryview) -> None:
+        """Copy ``data`` to the end of the stream (it may be freed as soon as this returns)."""
+        self.check()
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._buf is None:
+                self._buf, self._fill = self._free.get(), 0
+            k = min(n - pos, DIRECT_BUFFER - self._fill)
+            self._buf[self._fill:self._fill + k] = data[pos:pos + k]
+            self._fill += k
+            pos += k
+            if self._fill == DIRECT_BUFFER:
+                self._submit()
+
+    def _submit(self) -> None:
+        assert self._buf is not None
+        self._full.put((self._buf, self.pos, self._fill))
+        self.pos += self._fill
+        self._buf, self._fill = None, 0
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, *, flush: bool) -> None:
+        """Write what is buffered (``flush``) - the last block padded to the alignment, so the caller truncates the
+        file to its true size - and stop the background thread; raises the first write error."""
+        if flush and self._buf is not None and self._fill:
+            pad = -self._fill % DIRECT_ALIGN if self.direct_ok else 0
+            self._buf[self._fill:self._fill + pad] = bytes(pad)
+            self._fill += pad
+            self._submit()
+        self._full.put(None)
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            os.close(self._dfd)
+        if flush:
+            self.check()
+
+
 class SafetensorsWriter:
     """Write a ``.safetensors`` file tensor by tensor. Use as a context manager: it commits on success and removes
     the temp file on any exception.
@@ -162,12 +276,35 @@ class SafetensorsWriter:
         self._unflushed = 0  # bytes written since the last write-back started
         self._flushed_to = self._data_start  # file offset up to which write-back has been started (in-order writes)
         self._tmp = partial_path(self.target)
+        self._stream: DirectStream | None = None
+        self.streamed_bytes = 0  # bytes appended to the direct stream (0: the buffered path wrote everything)
+        self._order = iter(self._slots)  # the key the direct stream expects next (file order)
+        self._next = next(self._order, None)
         try:
             self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
+            head = struct.pack("<Q", len(raw)) + raw
+            if self.total_bytes >= DIRECT_MIN_BYTES:
+                self._stream = DirectStream.open(self._tmp, self._fd)
+            if self._stream is not None:
+                self._stream.append(memoryview(head))
+                self.streamed_bytes = len(head)
+            else:
+                os.pwrite(self._fd, head, 0)
         except OSError as e:
             self.abort()
             _raise_write_error(self.target, e)
+
+    def _leave_stream(self) -> None:
+        """Out-of-order write: flush the stream's prefix and continue buffered (correct for any order)."""
+        assert self._stream is not None and self._fd is not None
+        stream, self._stream = self._stream, None
+        end = stream.pos + stream._fill
+        buf, fill = stream._buf, stream._fill
+        stream._buf, stream._fill = None, 0
+        stream.close(flush=True)  # writes every full buffer before the tail below
+        if buf is not None:
+            os.pwrite(self._fd, memoryview(buf)[:fill], end - fill)
+            stream._free.put(buf)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         offset, n, dtype, shape = self._slots[key]
@@ -177,6 +314,14 @@ class SafetensorsWriter:
         if len(buf) != n:  # pragma: no cover - guarded by the reshape above
             raise AssertionError(f"{key}: {len(buf)} bytes for a {n}-byte slot")
         try:
+            if self._stream is not None and key == self._next:
+                self._stream.append(buf)
+                self.streamed_bytes += n
+                self._pending.discard(key)
+                self._next = next(self._order, None)
+                return
+            if self._stream is not None:
+                self._leave_stream()
             pos = 0
             while pos < n:
                 pos += os.pwrite(self._fd, buf[pos:], self._data_start + offset + pos)
@@ -196,6 +341,10 @@ class SafetensorsWriter:
             self.abort()
             raise AstolfoError(f"{self.target}: {len(missing)} tensors were never written (first: {missing[0]})")
         try:
+            if self._stream is not None:
+                stream, self._stream = self._stream, None
+                stream.close(flush=True)
+                os.ftruncate(self._fd, self.total_bytes)  # drop the last block's alignment padding
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
@@ -206,6 +355,9 @@ class SafetensorsWriter:
         return self.target
 
     def abort(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            stream.close(flush=False)
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
