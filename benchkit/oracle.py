@@ -74,10 +74,11 @@ def make_bench_pool(folder: str | Path, n_models: int, seed: int = 0, n_outliers
 
 
 def draw_target(space: SearchSpace, seed: int, outliers: Sequence[str] = (), p_include: float = 0.5,
-                alpha_range: tuple[float, float] = (0.2, 1.0)) -> dict[str, Any]:
+                alpha_range: tuple[float, float] = (0.2, 1.0), stream: str = "target") -> dict[str, Any]:
     """Hidden target params: per component each non-outlier finetune in with ``p_include`` (at least 2; the base never:
-    it is the MBW anchor), MBW ``α_b ~ U(alpha_range)`` per block. Deterministic in ``seed``."""
-    rng = random.Random(f"target|{seed}")
+    it is the MBW anchor), MBW ``α_b ~ U(alpha_range)`` per block. Deterministic in ``seed`` (and ``stream``: another
+    stream draws an independent target from the same seed, e.g. the second optimum of a two-cone oracle)."""
+    rng = random.Random(f"{stream}|{seed}")
     params: dict[str, Any] = {}
     base = space.pool.base
     for comp in space.components:
@@ -158,10 +159,19 @@ class GramOracle:
         finally:
             for r in readers.values():
                 r.close()
+        self.uniform_spec = space.candidate(space.uniform_params()).spec
+        self.retarget(target_spec)
+
+    def retarget(self, target_spec: Mapping[str, Any], block_weights: Mapping[tuple[str, str], float] | None = None) -> GramOracle:
+        """Measure against ``target_spec`` (normalised again at the uniform average); ``block_weights`` scales each
+        (component, block) Gram matrix - a metric the searcher does not know. Returns self."""
+        if block_weights is not None:
+            self.grams = {cb: g * float(block_weights[cb]) for cb, g in self.grams.items()}
         self.target_spec = dict(target_spec)
         self._target_c = {cb: torch.tensor(coefficients(self.target_spec, self.names, *cb), dtype=torch.float64) for cb in self.grams}
         self.norm = 1.0
-        self.norm = self.distance(space.candidate(space.uniform_params()).spec) or 1.0
+        self.norm = self.distance(self.uniform_spec) or 1.0
+        return self
 
     def distance(self, spec: Mapping[str, Any]) -> float:
         tot = 0.0
@@ -235,6 +245,69 @@ class KernelOracle:
         return float(last)  # type: ignore[arg-type]
 
 
+#: oracles that each break one assumption of the surrogate's model ``s = a - b·‖θ - θ*‖`` in the pool's Gram metric
+#: (issue 15); ``original`` is the model itself. ``r = ‖θ - θ*‖ / ‖θ_u - θ*‖`` (0 at the target, 1 at the uniform average).
+MISMATCHES = {
+    "original": "s = 1 - r: the cone the surrogate models",
+    "block_sensitivity": "hidden per-(component, block) sensitivities, log-uniform in [0.1, 10], scale the Gram metric",
+    "quadratic": "quadratic link: s = 1 - r^2 (flat at the optimum, steep far away)",
+    "saturating": "saturating link: s = 1 - (1 - e^(-2r)) / (1 - e^(-2)) (steep at the optimum, flat far away)",
+    "two_optima": "the max of two cones: s = max(1 - r1, 0.9 - r2) around two independent targets (the second 0.1 lower)",
+    "rank_only": "s = 1 - r, but the searcher sees w(s + noise) for a random monotone piecewise-linear w whose slopes "
+                 "span three decades: only the order of observations carries information",
+}
+SECOND_OPTIMUM = 0.9
+
+
+class MismatchedOracle:
+    """The true ``s`` of a recipe under one of :data:`MISMATCHES`, plus ``observe``: what the searcher is shown of a
+    noisy value (the identity except for ``rank_only``). Seeded: the same seed gives the same hidden sensitivities,
+    second target and warp."""
+
+    def __init__(self, space: SearchSpace, target_spec: Mapping[str, Any], kind: str, seed: int,
+                 outliers: Sequence[str] = ()):
+        if kind not in MISMATCHES:
+            raise ConfigError(f"oracle mismatch {kind!r} is unknown; use one of {', '.join(MISMATCHES)}")
+        self.kind = kind
+        self.gram = GramOracle(space, target_spec)
+        self.second: GramOracle | None = None
+        rng = random.Random(f"mismatch|{kind}|{seed}")
+        if kind == "block_sensitivity":
+            self.block_weights = {cb: 10 ** rng.uniform(-1.0, 1.0) for cb in sorted(self.gram.grams)}
+            self.gram.retarget(target_spec, self.block_weights)
+        elif kind == "two_optima":
+            import copy
+
+            second = space.candidate(draw_target(space, seed, outliers, stream="second-target")).spec
+            self.second = copy.copy(self.gram).retarget(second)
+        elif kind == "rank_only":
+            knots = [-1.5 + 2.75 * i / 8 for i in range(9)]  # s + noise spans about [-1.5, 1.25]
+            rises = [10 ** rng.uniform(-1.5, 1.5) for _ in range(8)]
+            ys = [0.0]
+            for r in rises:
+                ys.append(ys[-1] + r / sum(rises))
+            self._warp = (knots, ys)
+
+    def value(self, spec: Mapping[str, Any]) -> float:
+        r = self.gram.distance(spec) / self.gram.norm
+        if self.kind == "quadratic":
+            return 1.0 - r * r
+        if self.kind == "saturating":
+            return 1.0 - (1.0 - math.exp(-2.0 * r)) / (1.0 - math.exp(-2.0))
+        if self.second is not None:
+            return max(1.0 - r, SECOND_OPTIMUM - self.second.distance(spec) / self.second.norm)
+        return 1.0 - r
+
+    def observe(self, y: float) -> float:
+        """What the searcher sees of the noisy value ``y``: monotone, so the best observation stays the best."""
+        if self.kind != "rank_only":
+            return y
+        xs, ys = self._warp
+        i = min(max(sum(x <= y for x in xs) - 1, 0), len(xs) - 2)
+        slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+        return ys[i] + slope * (y - xs[i])  # the end pieces extend linearly past the knots
+
+
 def make_oracle(backend: str, space: SearchSpace, target_spec: Mapping[str, Any], device: str = "cpu"):
     if backend == "gram":
         return GramOracle(space, target_spec)
@@ -251,6 +324,7 @@ class CachedOracle:
     def __init__(self, oracle):
         self.oracle = oracle
         self.cache: dict[str, float] = {}
+        self.observe = getattr(oracle, "observe", None)
 
     def value(self, spec: Mapping[str, Any]) -> float:
         from astolfo_opt.search.space import spec_hash
@@ -297,8 +371,9 @@ class NoisyOracleEvaluator(Evaluator):
         rng = random.Random(f"noise|{self.seed}|{self.calls}")
         self.calls += 1
         ctx.extras["true_s"] = s
+        shown = getattr(self.oracle, "observe", None) or (lambda y: y)
         if self.n_steps == 1:
-            v = s + (rng.gauss(0.0, self.noise) if self.noise else 0.0)
+            v = shown(s + (rng.gauss(0.0, self.noise) if self.noise else 0.0))
             yield BatchResult(1, [v], rows=[{"prompt": "oracle", "seed": 0, "scores": {"oracle_proxy": v}, "values": [v]}])
             return
         total = 0.0
@@ -312,7 +387,7 @@ class NoisyOracleEvaluator(Evaluator):
             self.render_seconds += dt
             ctx.timings["render"] += dt
             self.steps_run += 1
-            v = s + (rng.gauss(0.0, self.prompt_noise) if self.prompt_noise else 0.0)
+            v = shown(s + (rng.gauss(0.0, self.prompt_noise) if self.prompt_noise else 0.0))
             total += v
             yield BatchResult(step, [total / step], rows=[{"prompt": f"p{step}", "seed": step, "scores": {"oracle_proxy": v},
                                                             "values": [v]}])

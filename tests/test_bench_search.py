@@ -15,7 +15,11 @@ import pytest
 
 from astolfo_opt.search.strategies import StagedSampler, staged_plan
 from benchkit.oracle import (
+    MISMATCHES,
+    SECOND_OPTIMUM,
+    CachedOracle,
     GramOracle,
+    MismatchedOracle,
     NoisyOracleEvaluator,
     ReferenceOracle,
     coefficients,
@@ -110,6 +114,48 @@ def test_noisy_evaluator_reports_prompt_steps(bench_setup, gram):
     assert [b.step for b in batches] == [1, 2, 3, 4] and ev.steps_run == 4
     assert ev.true_values == [pytest.approx(1.0)]
     assert abs(batches[-1].values[0] - 1.0) < 0.2
+
+
+def test_mismatched_oracles_break_one_assumption_each(bench_setup, gram):
+    """Issue 15's suite: each variant keeps s = 1 at the target and 0 (or its own link of r = 1) at the uniform
+    average, and differs from the cone where it should; the rank-only warp is monotone and far from affine."""
+    _, outliers, space, target = bench_setup
+    uniform = space.candidate(space.uniform_params()).spec
+    base_only = {k: int(k.endswith(".base")) if k.startswith("inc.") else v for k, v in space.uniform_params().items()}
+    other = space.candidate(base_only).spec
+    r_other = gram.distance(other) / gram.norm
+    o = {k: MismatchedOracle(space, target.spec, k, seed=3, outliers=outliers) for k in MISMATCHES}
+    for k, m in o.items():
+        assert m.value(target.spec) == pytest.approx(1.0, abs=1e-9), k
+    for k in ("original", "block_sensitivity", "quadratic", "saturating", "rank_only"):
+        assert o[k].value(uniform) == pytest.approx(0.0, abs=1e-9), k
+    assert o["original"].value(other) == pytest.approx(gram.value(other), abs=1e-12)
+    assert o["quadratic"].value(other) == pytest.approx(1 - r_other**2, abs=1e-9)
+    assert o["saturating"].value(other) == pytest.approx(1 - (1 - math.exp(-2 * r_other)) / (1 - math.exp(-2)), abs=1e-9)
+    w = o["block_sensitivity"].block_weights
+    assert set(w) == set(gram.grams) and all(0.1 <= v <= 10 for v in w.values()) and max(w.values()) / min(w.values()) > 3
+    assert abs(o["block_sensitivity"].value(other) - gram.value(other)) > 1e-3  # another metric, not a rescaled one
+    two = o["two_optima"]
+    assert two.value(two.second.target_spec) >= SECOND_OPTIMUM - 1e-9  # the second cone's peak is there
+    assert two.value(other) >= gram.value(other) - 1e-12  # the max of two cones is never below the first
+    ys = [o["rank_only"].observe(-2 + i / 50) for i in range(176)]
+    slopes = [b - a for a, b in zip(ys, ys[1:], strict=False)]
+    assert all(d > 0 for d in slopes) and max(slopes) / min(slopes) > 30
+    assert o["original"].observe(0.37) == 0.37
+    with pytest.raises(Exception, match="unknown"):
+        MismatchedOracle(space, target.spec, "nope", seed=0)
+
+
+def test_noisy_evaluator_shows_the_rank_only_warp(bench_setup):
+    """The searcher sees w(s + noise); the true s stays recorded for the tables."""
+    _, outliers, space, target = bench_setup
+    from astolfo_opt.search.evaluator import TrialContext
+
+    m = CachedOracle(MismatchedOracle(space, target.spec, "rank_only", seed=1, outliers=outliers))
+    ev = NoisyOracleEvaluator(m, noise=0.0, seed=1)
+    (batch,) = ev.evaluate(target, TrialContext())
+    assert ev.true_values == [pytest.approx(1.0)] and batch.values[0] == pytest.approx(m.observe(1.0))
+    assert abs(batch.values[0] - 1.0) > 1e-3
 
 
 def test_staged_plan_structure():
@@ -235,3 +281,31 @@ def test_staged_and_surrogate_handle_a_categorical_parameter():
             bp = study.best_params
             found += bp["method.unet"] == "ties" and all(bp[f"inc.unet.m{i}"] == 1 for i in range(3))
         assert found >= 4, (make.__name__, found)
+
+
+def test_search_suite_runs_cells_and_generates_the_tables(tmp_path, bench_dir, experiment):
+    """experiments/search_suite.py: missing cells run as subprocesses, the report's tables come from their JSONs and
+    land between the markers of the given markdown, and the worst-case rule names a strategy it compared."""
+    suite = experiment("search_suite")
+    readme = tmp_path / "R.md"
+    readme.write_text(f"intro\n{suite.MARK_BEGIN}\nstale\n{suite.MARK_END}\nafter\n")
+    out = tmp_path / "cells"
+    rc = suite.main(["--cells", "original:4,quadratic:4", "--trials", "6", "--strategies", "surrogate,random", "--jobs", "2",
+                     "--out", str(out), "--workdir", str(bench_dir / "suite"), "--readme", str(readme)])
+    assert rc == 0
+    cells = sorted(p.name for p in out.glob("*.json"))
+    assert cells == ["original_n4.json", "quadratic_n4.json"]
+    summary = json.loads((tmp_path / "search_suite.json").read_text())
+    assert summary["decision"]["winner"] in ("surrogate", "random") and summary["decision"]["cells"] == 2
+    assert set(summary["decision"]["worst_regret"]) == {"surrogate", "random"}
+    for c in summary["cells"]:
+        assert c["seeds"] == [100, 101, 102, 103, 104] and c["trials"] == 6
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| quadratic | 4 |"))
+    q = json.loads((out / "quadratic_n4.json").read_text())["strategies"]["random"]
+    assert f"{q['best_at_budget']:.3f} / " in row  # the figure comes from the cell JSON
+    mtime = (out / "original_n4.json").stat().st_mtime
+    assert suite.main(["--cells", "original:4", "--trials", "6", "--strategies", "surrogate,random", "--out", str(out),
+                       "--workdir", str(bench_dir / "suite"), "--readme", str(readme)]) == 0
+    assert (out / "original_n4.json").stat().st_mtime == mtime  # an existing cell is not run again
