@@ -276,6 +276,138 @@ def bench_pruning(args, seeds: list[int], workdir: Path) -> dict[str, Any]:
             "render": note, "pruners": out}
 
 
+# ------------------------------------------------------------------------------------------------ world mode
+def world_pool_subset(world: Path, models: int) -> tuple[list[str], list[str]]:
+    """``(kept, excluded)`` model names of a built world for a pool of ``models`` finetunes besides the base: its planted
+    outliers (1 below 8 models, else 2, as the oracle pools), then finetunes in name order; planted faults are left out
+    (this benchmark compares search strategies, the scan's fault handling is tested elsewhere)."""
+    doc = json.loads((world / "world.json").read_text())
+    names = sorted(Path(rel).stem for rel in doc["files"] if rel.startswith("pool/"))
+    faults, outliers = set(doc["faults"]), [m for m in doc["outliers"] if m in names]
+    finetunes = [m for m in names if m != "base" and m not in faults and m not in outliers]
+    n_out = min(len(outliers), 1 if models < 8 else 2)
+    if models > len(finetunes) + n_out or models < 2:
+        raise ConfigError(f"--models {models}: the world at {world} has {len(finetunes)} finetunes and {len(outliers)} outliers; "
+                          "build a larger one (astolfo-opt world build --size bench) or ask for fewer")
+    kept = ["base", *outliers[:n_out], *finetunes[: models - n_out]]
+    return kept, [m for m in names if m not in kept]
+
+
+def world_run(name: str, world: Path, models: int, *, trials: int, seed: int, workdir: Path, device: str) -> dict[str, Any]:
+    """One real study on the world (merge -> swap -> render -> score) with strategy ``name``: the shipped sampler
+    (or ``strategy=greedy``), no pruner, the study's warm starts; per trial its objective and the renders it cost."""
+    import shutil
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from astolfo_opt.search.app import run_search
+    from astolfo_opt.search.demo import world_search_config
+    from astolfo_opt.search.study import open_storage_url
+
+    out = workdir / f"{name}_n{models}_s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    _, excluded = world_pool_subset(world, models)
+    overrides = ["pruner=none", f"seed={seed}", "progress=false", "artifacts=false",
+                 "strategy=greedy" if name == "greedy" else f"sampler={name}"]
+    cfg = world_search_config(world, out, trials, device=device, study_name=name, extra_overrides=overrides, exclude=excluded)
+    t0 = time.perf_counter()
+    run_search(cfg)
+    wall = time.perf_counter() - t0
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=name, storage=open_storage_url(f"sqlite:///{out / 'study.db'}"))
+    done = sorted((t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+                  key=lambda t: t.number)
+    curve, renders, best, acc, inc = [], [], -math.inf, 0, None
+    split: dict[str, float] = {}
+    for t in done:
+        acc += 0 if "cached_from" in t.user_attrs else len(t.user_attrs.get("per_prompt") or [])  # a duplicate renders nothing
+        for k, v in (t.user_attrs.get("time") or {}).items():
+            split[k] = split.get(k, 0.0) + float(v)
+        if t.state == TrialState.COMPLETE and t.values[0] > best:
+            best, inc = t.values[0], t
+        curve.append(best)
+        renders.append(acc)
+    if inc is None:
+        raise ConfigError(f"strategy {name}: no trial finished on the world")
+    curve = (curve + [curve[-1]] * trials)[:trials]  # greedy may stop early: flat tail, no more renders
+    renders = (renders + [renders[-1]] * trials)[:trials]
+    return {"curve": curve, "cum_renders": renders, "renders": acc, "trials_run": len(done), "wall_seconds": wall,
+            "time_split": {k: round(v, 2) for k, v in split.items()}, "incumbent_trial": inc.number,
+            "incumbent_objective": inc.values[0], "incumbent_recipe": inc.user_attrs["recipe"]}
+
+
+def judge_incumbent(ev, world: Path, recipe_json: str) -> dict[str, float]:
+    """The world's held-out judge on the incumbent, rendered again: the study's prompts plus the never-trained
+    (held-out) combinations - the judge was never optimised, so this is the check the objective cannot game."""
+    from astolfo_opt.render.prompts import load_prompt_set
+    from astolfo_opt.search.space import spec_to_recipe
+    from astolfo_opt.world.judge import judge
+
+    ev.load(spec_to_recipe(json.loads(recipe_json)))
+    study, held = load_prompt_set(world / "prompts.yaml").prompts, load_prompt_set(world / "heldout.yaml").prompts
+    a = judge(ev.judge_net, ev.render(study), [p.prompt for p in study])["accuracy"]
+    h = judge(ev.judge_net, ev.render(held), [p.prompt for p in held])["accuracy"]
+    return {"judge_accuracy": (a * len(study) + h * len(held)) / (len(study) + len(held)), "judge_study": a, "judge_heldout": h}
+
+
+def renders_to(run: dict[str, Any], goal: float) -> int | None:
+    return next((r for v, r in zip(run["curve"], run["cum_renders"], strict=True) if v >= goal), None)
+
+
+def bench_world(args, seeds: list[int], names: list[str], workdir: Path) -> dict[str, Any]:
+    """``--world DIR``: every strategy through the real pipeline on a built world (see module doc)."""
+    from astolfo_opt.world.check import WorldEval
+
+    world = Path(args.world)
+    if not (world / "world.json").is_file():
+        raise ConfigError(f"--world {world}: no world.json there (build one: astolfo-opt world build --out {world} --size bench)")
+    kept, _ = world_pool_subset(world, args.models)
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for seed in seeds:
+        for name in names:
+            res = world_run(name, world, args.models, trials=args.trials, seed=seed, workdir=workdir, device=args.device)
+            res["seed"] = seed
+            runs[name].append(res)
+            print(f"world seed {seed} {name:9s}: best objective {res['curve'][-1]:.4f} (incumbent trial {res['incumbent_trial']}), "
+                  f"{res['renders']} renders, {res['wall_seconds']:.0f} s", flush=True)
+    ev = WorldEval(world, device=args.device)
+    for rs in runs.values():
+        for r in rs:
+            r.update(judge_incumbent(ev, world, r["incumbent_recipe"]))
+    # best-known objective: the best any strategy reached with that seed (same world, same pool, same prompts)
+    best_known = {seed: max(r["curve"][-1] for rs in runs.values() for r in rs if r["seed"] == seed) for seed in seeds}
+    summary = {}
+    for name, rs in runs.items():
+        curves = [r["curve"] for r in rs]
+        goal = {k: v - 0.05 * abs(v) for k, v in best_known.items()}  # 95% of it when positive, as the issue states
+        to95 = [renders_to(r, goal[r["seed"]]) for r in rs]
+        t95 = [trials_to(r["curve"], goal[r["seed"]]) for r in rs]
+        cap = max(r["cum_renders"][-1] for r in rs)
+        summary[name] = {
+            "best_at_budget": statistics.median(c[-1] for c in curves),
+            "curve": [round(statistics.median(c[i] for c in curves), 5) for i in range(args.trials)],
+            "trials_to_95": _median_or_none(t95, args.trials), "renders_to_95": _median_or_none(to95, cap),
+            "reached_95": sum(x is not None for x in to95),
+            "judge_accuracy": statistics.median(r["judge_accuracy"] for r in rs),
+            "judge_heldout": statistics.median(r["judge_heldout"] for r in rs),
+            "incumbent_objective": statistics.median(r["incumbent_objective"] for r in rs),
+            "renders": statistics.median(r["renders"] for r in rs), "runs": len(rs),
+            "time_split": {k: round(statistics.median(r["time_split"].get(k, 0.0) for r in rs), 2) for k in rs[0]["time_split"]},
+            "mean_wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
+            "per_run": [{k: r[k] for k in ("seed", "incumbent_trial", "incumbent_objective", "judge_accuracy", "judge_heldout",
+                                             "renders", "wall_seconds")} | {"best_at_budget": r["curve"][-1]} for r in rs],
+        }
+    return {"mode": "world", "default": DEFAULT, "trials": args.trials, "models": args.models, "seeds": seeds,
+            "seed_set": args.seed_set, "world": str(world), "world_seed": json.loads((world / "world.json").read_text())["seed"],
+            "pool": kept, "budget": "trials; each trial renders the study's prompt set, a reused duplicate renders nothing",
+            "best_known": {str(k): v for k, v in best_known.items()},
+            "best_known_rule": "per seed, the best objective any strategy reached at T (same world, pool and prompts); "
+                               "'to 95' = first reaching best_known - 0.05 |best_known| (95% of it when positive)",
+            "objective": "scorer=world: CLIP similarity + aesthetic head, min-max normalised, weights 1:1",
+            "strategies": summary}
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 def markdown_table(result: dict[str, Any]) -> str:
     """The README table of a result JSON (``python experiments/bench_search.py --table FILE``)."""
@@ -309,11 +441,15 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     for name, s in series.items():
         lw = 2.6 if name in (result.get("default"), "none") else 1.4
         ax.plot(range(1, len(s["curve"]) + 1), s["curve"], label=name, lw=lw)
-    ax.axhline(0.95, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("trial")
-    ax.set_ylabel("best true s so far (median)")
-    ax.set_ylim(min(0.0, min(min(s["curve"]) for s in series.values())), 1.0)
-    title = "pruning (default strategy)" if "pruners" in result else "search strategies"
+    if result.get("mode") == "world":
+        ax.set_ylabel("best objective so far (median over seeds)")
+    else:
+        ax.axhline(0.95, color="grey", ls="--", lw=0.8)
+        ax.set_ylabel("best true s so far (median)")
+        ax.set_ylim(min(0.0, min(min(s["curve"]) for s in series.values())), 1.0)
+    title = "pruning (default strategy)" if "pruners" in result else (
+        "search strategies on the trained world" if result.get("mode") == "world" else "search strategies")
     ax.set_title(f"{title}: N={result['models']}, T={result['trials']}, seeds {result['seeds']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -337,6 +473,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats-of", default=None, help="per-strategy repeats, e.g. gp=1 (the slow one)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list out of {', '.join(STRATEGIES)}")
     ap.add_argument("--oracle", default="gram", help="gram (exact, fast) | reference (torch merge) | kernel (astolfo_opt.merge)")
+    ap.add_argument("--world", default=None, help="world mode: a built world folder (astolfo-opt world build); every "
+                    "strategy runs the real pipeline on it")
+    ap.add_argument("--device", default="cpu", help="world mode: merge / render / score device")
     ap.add_argument("--mismatch", default="original", help="oracle variant (gram backend): " + ", ".join(MISMATCHES))
     ap.add_argument("--mode", default="search", choices=("search", "pruning"))
     ap.add_argument("--pruners", default="none,incumbent,median,successive_halving,hyperband", help="pruning mode: pruners to compare")
@@ -377,7 +516,12 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
             workdir = Path(args.workdir) if args.workdir else Path(tmp)
-            result = bench_search(args, seeds, names, workdir) if args.mode == "search" else bench_pruning(args, seeds, workdir)
+            if args.world:
+                result = bench_world(args, seeds, names, workdir)
+            elif args.mode == "search":
+                result = bench_search(args, seeds, names, workdir)
+            else:
+                result = bench_pruning(args, seeds, workdir)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.json), json.dumps(result, indent=1))
         if args.png:
@@ -386,7 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     except AstolfoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.mode == "search":
+    if args.world:
+        for n, s in result["strategies"].items():
+            print(f"{n:9s} best_at_budget={s['best_at_budget']:.4f} judge={s['judge_accuracy']:.3f} "
+                  f"renders_to_95={s['renders_to_95']} trials_to_95={s['trials_to_95']}")
+    elif args.mode == "search":
         for n, s in result["strategies"].items():
             print(f"{n:8s} trials_to_95={s['trials_to_95']} to0.9={s['trials_to']['0.9']} best_at_budget={s['best_at_budget']:.4f}")
         print("criteria:", result["criteria"])

@@ -309,3 +309,37 @@ def test_search_suite_runs_cells_and_generates_the_tables(tmp_path, bench_dir, e
     assert suite.main(["--cells", "original:4", "--trials", "6", "--strategies", "surrogate,random", "--out", str(out),
                        "--workdir", str(bench_dir / "suite"), "--readme", str(readme)]) == 0
     assert (out / "original_n4.json").stat().st_mtime == mtime  # an existing cell is not run again
+
+
+@pytest.mark.slow
+def test_world_mode_runs_strategies_through_the_real_pipeline(tmp_path, capsys, experiment):
+    """``bench_search.py --world``: each strategy is a real study (merge -> swap -> render -> score) on a built world;
+    renders are counted per trial, the incumbent is judged again on study + held-out prompts, the JSON keeps the
+    search-benchmark keys."""
+    from astolfo_opt.world.build import BuildParams, build_world
+
+    world = tmp_path / "world"
+    build_world(world, BuildParams(size="test", seed=3), progress=False, log=lambda s: None)
+    bench = experiment("bench_search")
+    out, png = tmp_path / "w.json", tmp_path / "w.png"
+    rc = bench.main(["--world", str(world), "--models", "3", "--trials", "3", "--seed", "0", "--strategies", "random,greedy",
+                     "--workdir", str(tmp_path / "runs"), "--json", str(out), "--png", str(png)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "world" and res["default"] == "surrogate" and res["trials"] == 3
+    assert res["pool"][0] == "base" and len(res["pool"]) == 4 and not any("nan" in m for m in res["pool"])
+    from astolfo_opt.render.prompts import load_prompt_set
+
+    n_prompts = len(load_prompt_set(world / "prompts.yaml").prompts)
+    for name, s in res["strategies"].items():
+        assert {"best_at_budget", "curve", "trials_to_95", "judge_accuracy", "renders_to_95"} <= set(s), name
+        assert len(s["curve"]) == 3 and all(b >= a for a, b in zip(s["curve"], s["curve"][1:], strict=False)), name
+        assert 0 < s["renders"] <= 3 * n_prompts and s["renders"] % n_prompts == 0, name
+        assert 0.0 <= s["judge_accuracy"] <= 1.0 and 0.0 <= s["judge_heldout"] <= 1.0
+        assert s["time_split"]["render"] > 0 and s["time_split"]["merge"] > 0
+    assert res["best_known"]["0"] == pytest.approx(max(s["best_at_budget"] for s in res["strategies"].values()))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.main(["--world", str(world), "--models", "40", "--trials", "3", "--strategies", "random",
+                       "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "--models 40" in err and "world build" in err

@@ -35,8 +35,9 @@ def _side_by_side(left: Any, right: Any, title: str) -> Any:
 
 
 def world_search_config(world: str | Path, out: str | Path, n_trials: int, *, device: str = "cpu", study_name: str = "demo",
-                        extra_overrides: list[str] | None = None) -> Any:
-    """The root search config on a built world (``scorer=world``, its pool without the NaN model), as the demo runs it."""
+                        extra_overrides: list[str] | None = None, exclude: list[str] | None = None) -> Any:
+    """The root search config on a built world (``scorer=world``, its pool without the NaN model, and without
+    ``exclude`` when given), as the demo runs it."""
     from hydra import compose, initialize_config_dir
 
     from astolfo_opt.commands.search import conf_dir
@@ -44,8 +45,9 @@ def world_search_config(world: str | Path, out: str | Path, n_trials: int, *, de
     world = Path(world)
     doc = json.loads((world / "world.json").read_text())
     nan_models = [n for n, kind in doc["faults"].items() if kind == "nan"]
+    excluded = list(dict.fromkeys([*nan_models, *(exclude or [])]))
     overrides = [
-        "scorer=world", f"world_dir={world}", "pool=demo", f"pool.folder={world / 'pool'}", f"pool.exclude=[{','.join(nan_models)}]",
+        "scorer=world", f"world_dir={world}", "pool=demo", f"pool.folder={world / 'pool'}", f"pool.exclude=[{','.join(excluded)}]",
         f"study_name={study_name}", f"run_dir={out}", f"n_trials={n_trials}", f"device={device}", *(extra_overrides or []),
     ]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=study_name):
