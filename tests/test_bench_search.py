@@ -283,32 +283,41 @@ def test_staged_and_surrogate_handle_a_categorical_parameter():
         assert found >= 4, (make.__name__, found)
 
 
-def test_search_suite_runs_cells_and_generates_the_tables(tmp_path, bench_dir, experiment):
-    """experiments/search_suite.py: missing cells run as subprocesses, the report's tables come from their JSONs and
-    land between the markers of the given markdown, and the worst-case rule names a strategy it compared."""
+def test_search_suite_runs_cells_and_decides_by_the_worst_case(tmp_path, bench_dir, experiment):
+    """experiments/search_suite.py: missing cells run as subprocesses, an existing cell is not run again, and the
+    summary's worst-case rule is computed from the cells' own figures."""
     suite = experiment("search_suite")
-    readme = tmp_path / "R.md"
-    readme.write_text(f"intro\n{suite.MARK_BEGIN}\nstale\n{suite.MARK_END}\nafter\n")
     out = tmp_path / "cells"
-    rc = suite.main(["--cells", "original:4,quadratic:4", "--trials", "6", "--strategies", "surrogate,random", "--jobs", "2",
-                     "--out", str(out), "--workdir", str(bench_dir / "suite"), "--readme", str(readme)])
-    assert rc == 0
-    cells = sorted(p.name for p in out.glob("*.json"))
-    assert cells == ["original_n4.json", "quadratic_n4.json"]
+    argv = ["--cells", "original:4,quadratic:4", "--trials", "6", "--strategies", "surrogate,random", "--jobs", "2",
+            "--out", str(out), "--workdir", str(bench_dir / "suite")]
+    assert suite.main(argv) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["original_n4.json", "quadratic_n4.json"]
     summary = json.loads((tmp_path / "search_suite.json").read_text())
-    assert summary["decision"]["winner"] in ("surrogate", "random") and summary["decision"]["cells"] == 2
-    assert set(summary["decision"]["worst_regret"]) == {"surrogate", "random"}
-    for c in summary["cells"]:
-        assert c["seeds"] == [100, 101, 102, 103, 104] and c["trials"] == 6
-    text = readme.read_text()
-    assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
-    row = next(ln for ln in text.splitlines() if ln.startswith("| quadratic | 4 |"))
-    q = json.loads((out / "quadratic_n4.json").read_text())["strategies"]["random"]
-    assert f"{q['best_at_budget']:.3f} / " in row  # the figure comes from the cell JSON
+    cells = {c["mismatch"]: json.loads((out / f"{c['mismatch']}_n4.json").read_text())["strategies"] for c in summary["cells"]}
+    regret = {s: max(max(c[x]["incumbent_true_at_budget"] for x in c) - c[s]["incumbent_true_at_budget"] for c in cells.values())
+              for s in ("surrogate", "random")}
+    d = summary["decision"]
+    assert {s: w["regret"] for s, w in d["worst_regret"].items()} == pytest.approx(regret, abs=1e-4)
+    assert d["winner"] == min(regret, key=lambda s: (round(regret[s], 4), s != "surrogate")) and d["cells"] == 2
+    assert all(c["seeds"] == [100, 101, 102, 103, 104] and c["trials"] == 6 for c in summary["cells"])
     mtime = (out / "original_n4.json").stat().st_mtime
-    assert suite.main(["--cells", "original:4", "--trials", "6", "--strategies", "surrogate,random", "--out", str(out),
-                       "--workdir", str(bench_dir / "suite"), "--readme", str(readme)]) == 0
+    assert suite.main(argv[:1] + ["original:4"] + argv[2:]) == 0
     assert (out / "original_n4.json").stat().st_mtime == mtime  # an existing cell is not run again
+
+
+def test_bench_search_readme_is_generated_from_the_committed_json(experiment, tmp_path):
+    """Every table of experiments/README_bench_search.md comes from experiments/results (no hand-typed figure goes
+    stale): the committed README equals its regeneration, and a changed figure is caught."""
+    report = experiment("search_report")
+    assert report.main(["--check"]) == 0
+    text = report.README.read_text()
+    assert {m.group("name") for m in report.BLOCK.finditer(text)} == set(report.BLOCKS)
+    stale = tmp_path / "R.md"
+    body = next(m.group("body") for m in report.BLOCK.finditer(text) if m.group("name") == "tuning")
+    assert "| **surrogate** (default) |" in body
+    stale.write_text(text.replace(body, body.replace("| **surrogate** (default) |", "| **surrogate** (default) | 9.999", 1), 1))
+    assert report.main(["--check", "--readme", str(stale)]) == 1
+    assert report.main(["--readme", str(stale)]) == 0 and stale.read_text() == text
 
 
 @pytest.mark.slow
