@@ -49,12 +49,29 @@ PRUNERS = ("none", "incumbent", "median", "successive_halving", "hyperband")
 
 
 # ------------------------------------------------------------------------------------------------ one run
+#: ``--sampler-set``: per-strategy changes to the shipped sampler options (tuning runs, on tuning seeds only)
+SAMPLER_SET: dict[str, dict[str, Any]] = {}
+
+
 def _sampler(name: str, seed: int):
-    """The strategy's sampler exactly as ``astolfo-opt search sampler=NAME`` builds it (shipped conf/sampler file)."""
+    """The strategy's sampler exactly as ``astolfo-opt search sampler=NAME`` builds it (shipped conf/sampler file, plus
+    any ``--sampler-set`` change)."""
     from astolfo_opt.search.study import make_sampler
     from benchkit.oracle import load_conf
 
-    return make_sampler(load_conf("sampler", name), seed, multi=False, constraints=False)
+    return make_sampler({**load_conf("sampler", name), **SAMPLER_SET.get(name, {})}, seed, multi=False, constraints=False)
+
+
+def parse_sampler_set(text: str | None) -> dict[str, dict[str, Any]]:
+    """``surrogate.n_startup=36;tpe.n_startup_trials=5`` -> ``{"surrogate": {"n_startup": 36}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in filter(None, (text or "").split(";")):
+        key, eq, value = item.partition("=")
+        name, dot, opt = key.strip().partition(".")
+        if not (eq and dot and name in STRATEGIES and opt):
+            raise ConfigError(f"--sampler-set {item!r}: write STRATEGY.OPTION=VALUE, e.g. surrogate.n_startup=36")
+        out.setdefault(name, {})[opt] = yaml.safe_load(value)
+    return out
 
 
 def run_strategy(name: str, space, oracle, *, trials: int, seed: int, noise: float, n_steps: int = 1, pruner: str = "none",
@@ -191,6 +208,7 @@ def bench_search(args, seeds: list[int], names: list[str], workdir: Path) -> dic
     summary = {n: summarise(runs[n], args.trials) for n in names}
     return {"default": DEFAULT, "trials": args.trials, "models": args.models, "noise": args.noise, "repeats": args.repeats,
             "seeds": seeds, "seed_set": args.seed_set, "oracle": args.oracle, "mismatch": args.mismatch, "space": "inclusion_mbw",
+            "sampler_set": SAMPLER_SET,
             "strategies": summary, "per_seed": per_seed,
             "criteria": criteria(summary, args.trials)}
 
@@ -473,6 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats-of", default=None, help="per-strategy repeats, e.g. gp=1 (the slow one)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list out of {', '.join(STRATEGIES)}")
     ap.add_argument("--oracle", default="gram", help="gram (exact, fast) | reference (torch merge) | kernel (astolfo_opt.merge)")
+    ap.add_argument("--sampler-set", default=None, help="change shipped sampler options, e.g. 'surrogate.n_startup=36' "
+                    "(';'-separated); recorded in the JSON. Tuning runs only: never on the reporting seeds")
     ap.add_argument("--world", default=None, help="world mode: a built world folder (astolfo-opt world build); every "
                     "strategy runs the real pipeline on it")
     ap.add_argument("--device", default="cpu", help="world mode: merge / render / score device")
@@ -502,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise ConfigError(f"--seed {args.seed!r}: give an integer, a comma list like 0,1,2 or one of "
                               f"{', '.join(SEED_SETS)}") from None
+        SAMPLER_SET.clear()
+        SAMPLER_SET.update(parse_sampler_set(args.sampler_set))
+        if SAMPLER_SET and args.seed_set == "reporting":
+            raise ConfigError("--sampler-set on the reporting seeds: tune on --seed tuning (or other seeds), report on these")
         if args.mismatch not in MISMATCHES:
             raise ConfigError(f"--mismatch {args.mismatch!r} is unknown; use one of {', '.join(MISMATCHES)}")
         names = [s.strip() for s in args.strategies.split(",") if s.strip()]

@@ -352,3 +352,20 @@ def test_world_mode_runs_strategies_through_the_real_pipeline(tmp_path, capsys, 
                        "--json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "--models 40" in err and "world build" in err
+
+
+def test_sampler_set_changes_options_and_is_refused_on_reporting_seeds(tmp_path, capsys, bench_dir, experiment):
+    bench = experiment("bench_search")
+    assert bench.parse_sampler_set("surrogate.n_startup=36;tpe.n_startup_trials=5") == {
+        "surrogate": {"n_startup": 36}, "tpe": {"n_startup_trials": 5}}
+    out = tmp_path / "s.json"
+    assert bench.main(["--seed", "0", "--models", "4", "--trials", "5", "--strategies", "surrogate", "--sampler-set",
+                       "surrogate.n_startup=3", "--workdir", str(bench_dir), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["sampler_set"] == {"surrogate": {"n_startup": 3}}
+    assert bench._sampler("surrogate", 0).n_startup == 3  # the option reaches the sampler
+    capsys.readouterr()
+    for bad in (["--sampler-set", "n_startup=3"], ["--sampler-set", "surrogate.n_startup=3", "--seed", "reporting"]):
+        assert bench.main([*bad, "--json", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "sampler-set" in err and err.count("\n") == 1, err
