@@ -327,7 +327,8 @@ def world_run(name: str, world: Path, models: int, *, trials: int, seed: int, wo
     shutil.rmtree(out, ignore_errors=True)
     _, excluded = world_pool_subset(world, models)
     overrides = ["pruner=none", f"seed={seed}", "progress=false", "artifacts=false",
-                 "strategy=greedy" if name == "greedy" else f"sampler={name}"]
+                 "strategy=greedy" if name == "greedy" else f"sampler={name}",
+                 *(f"sampler.{k}={json.dumps(v)}" for k, v in SAMPLER_SET.get(name, {}).items())]
     cfg = world_search_config(world, out, trials, device=device, study_name=name, extra_overrides=overrides, exclude=excluded)
     t0 = time.perf_counter()
     run_search(cfg)
@@ -419,7 +420,7 @@ def bench_world(args, seeds: list[int], names: list[str], workdir: Path) -> dict
     return {"mode": "world", "default": DEFAULT, "trials": args.trials, "models": args.models, "seeds": seeds,
             "seed_set": args.seed_set, "world": str(world), "world_seed": json.loads((world / "world.json").read_text())["seed"],
             "pool": kept, "budget": "trials; each trial renders the study's prompt set, a reused duplicate renders nothing",
-            "best_known": {str(k): v for k, v in best_known.items()},
+            "sampler_set": SAMPLER_SET, "best_known": {str(k): v for k, v in best_known.items()},
             "best_known_rule": "per seed, the best objective any strategy reached at T (same world, pool and prompts); "
                                "'to 95' = first reaching best_known - 0.05 |best_known| (95% of it when positive)",
             "objective": "scorer=world: CLIP similarity + aesthetic head, min-max normalised, weights 1:1",
