@@ -4,6 +4,8 @@
   factory: ``base.safetensors`` + ``m00..m02`` (healthy fp16 finetunes of that base). Treat them as read-only.
 * ``experiment``: ``experiment("bench_search")`` loads ``experiments/bench_search.py`` as a module (benchmark code
   lives outside the package; its tests call its functions).
+* ``disk_fills_after``: ``disk_fills_after(n)`` makes ``os.pwrite`` raise ENOSPC from its (n+1)-th call on (a full
+  disk without root or a tmpfs); returns the call counter ``{"n": calls}``.
 * The whole session runs with ``ASTOLFO_OPT_CACHE`` pointing into a temp folder, so tests never read or write the
   user's real cache (tests that need a fresh cache still set their own with ``monkeypatch.setenv``).
 """
@@ -102,3 +104,22 @@ def experiment():
         return mod
 
     return load
+
+
+@pytest.fixture
+def disk_fills_after(monkeypatch):
+    import errno
+
+    def arm(n: int) -> dict[str, int]:
+        calls, real = {"n": 0}, os.pwrite
+
+        def failing(fd, data, offset):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", failing)
+        return calls
+
+    return arm

@@ -331,18 +331,9 @@ def test_direct_stream_rewrites_through_the_page_cache_when_the_device_refuses(d
     assert direct_fds and target.read_bytes() == _buffered_bytes(tmp_path, tensors)
 
 
-def test_direct_stream_disk_full_leaves_nothing(direct, tmp_path, monkeypatch):
+def test_direct_stream_disk_full_leaves_nothing(direct, tmp_path, disk_fills_after):
     """ENOSPC raised in the stream's background thread reaches the caller as one line, and the temp file goes."""
-    real = os.pwrite
-    calls = {"n": 0}
-
-    def failing(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", failing)
+    calls = disk_fills_after(3)
     with pytest.raises(AstolfoError, match="disk full") as ei:
         save_safetensors(tmp_path / "full.safetensors", {f"k{i}": torch.randn(4096) for i in range(12)})
     assert "\n" not in str(ei.value) and calls["n"] > 3

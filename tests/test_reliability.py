@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -165,18 +164,9 @@ def test_writer_on_a_full_disk_leaves_nothing():
         assert list(d.iterdir()) == []
 
 
-def test_writer_enospc_without_root(tmp_path, monkeypatch):
+def test_writer_enospc_without_root(tmp_path, disk_fills_after):
     """Same promise on any machine: an ENOSPC from pwrite midway removes the temp file."""
-    calls = {"n": 0}
-    real = os.pwrite
-
-    def failing(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", failing)
+    disk_fills_after(2)
     tensors = {f"k{i}": torch.full((256,), float(i)) for i in range(5)}
     with pytest.raises(AstolfoError, match="disk full"):
         save_safetensors(tmp_path / "x.safetensors", tensors)
