@@ -154,6 +154,23 @@ def world_table(models: int) -> str:
     return "\n".join(lines)
 
 
+def tuning_table() -> str:
+    """Setting scans on the tuning seeds (``experiments/results/tuning/*.json``, runs with ``--sampler-set``)."""
+    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / "tuning").glob("*.json"))]
+    if not runs:
+        return _missing("tuning/*.json", "python experiments/bench_search.py --seed tuning --sampler-set ... --json "
+                                         "experiments/results/tuning/NAME.json")
+    lines = ["| strategy | setting | N | seeds | best at T (median) | incumbent at T (median) | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for n, st in r["strategies"].items():
+            changed = ", ".join(f"{k}={v}" for k, v in r.get("sampler_set", {}).get(n, {}).items()) or "shipped"
+            per = " / ".join(_f(x["strategies"][n][0]["best_at_budget"]) for x in r["per_seed"])
+            lines.append(f"| {n} | {changed} | {r['models']} | {', '.join(map(str, r['seeds']))} | {_f(st['best_at_budget'])} | "
+                         f"{_f(st['incumbent_true_at_budget'])} | {per} |")
+    return "\n".join(lines)
+
+
 def _strategies(name: str, how: str) -> Callable[[], str]:
     return lambda: strategy_table(r) if (r := _load(name)) else _missing(name, how)
 
@@ -166,6 +183,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "suite": suite_tables,
     "world-n12": lambda: world_table(12),
     "world-n32": lambda: world_table(32),
+    "scans": tuning_table,
     "tuning": _strategies("bench_search.json", "python experiments/bench_search.py --seed tuning --repeats 3 --repeats-of gp=1 "
                                                "--json experiments/results/bench_search.json"),
     "noise0": _strategies("bench_search_noise0.json", "python experiments/bench_search.py --seed tuning --noise 0 "
