@@ -226,11 +226,12 @@ class DirectStream:
         if self.error is not None:
             raise self.error
 
-    def close(self, *, flush: bool) -> None:
-        """Write what is buffered (``flush``) - the last block padded to the alignment, so the caller truncates the
-        file to its true size - and stop the background thread; raises the first write error."""
+    def close(self, *, flush: bool, pad_tail: bool = True) -> None:
+        """Write what is buffered (``flush``) and stop the background thread; raises the first write error. With
+        ``pad_tail`` the last block is padded to the alignment (written directly; the caller truncates the file to its true
+        size), without it the unaligned tail goes through the buffered fd (the caller writes on from there)."""
         if flush and self._buf is not None and self._fill:
-            pad = -self._fill % DIRECT_ALIGN if self.direct_ok else 0
+            pad = -self._fill % DIRECT_ALIGN if pad_tail and self.direct_ok else 0
             self._buf[self._fill:self._fill + pad] = bytes(pad)
             self._fill += pad
             self._submit()
@@ -296,15 +297,9 @@ class SafetensorsWriter:
 
     def _leave_stream(self) -> None:
         """Out-of-order write: flush the stream's prefix and continue buffered (correct for any order)."""
-        assert self._stream is not None and self._fd is not None
+        assert self._stream is not None
         stream, self._stream = self._stream, None
-        end = stream.pos + stream._fill
-        buf, fill = stream._buf, stream._fill
-        stream._buf, stream._fill = None, 0
-        stream.close(flush=True)  # writes every full buffer before the tail below
-        if buf is not None:
-            os.pwrite(self._fd, memoryview(buf)[:fill], end - fill)
-            stream._free.put(buf)
+        stream.close(flush=True, pad_tail=False)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         offset, n, dtype, shape = self._slots[key]
