@@ -128,7 +128,14 @@ def run_strategy(name: str, space, oracle, *, trials: int, seed: int, noise: flo
     steps = sum(len(t.intermediate_values) or 1 for t in trials_done)
     return {"curve": curve, "cum_steps": cum_steps, "incumbent_true": inc_true, "trials_run": len(trials_done), "evaluations": ev.calls,
             "pruned": sum(t.state == TrialState.PRUNED for t in trials_done), "render_steps": ev.steps_run,
-            "render_seconds": ev.render_seconds, "steps": steps, "wall_seconds": wall}
+            "render_seconds": ev.render_seconds, "steps": steps, "wall_seconds": wall, "handed_over": handed_over(trials_done)}
+
+
+def handed_over(trials) -> int | None:
+    """The trial at which ``sampler=surrogate`` handed the study to its misfit fallback (None: it never did)."""
+    from astolfo_opt.search.surrogate.sampler import FALLBACK_ATTR, MISFIT
+
+    return min((t.number for t in trials if MISFIT in str(t.user_attrs.get(FALLBACK_ATTR, ""))), default=None)
 
 
 def trials_to(curve: list[float], threshold: float) -> int | None:
@@ -152,7 +159,8 @@ def summarise(runs: list[dict[str, Any]], trials: int) -> dict[str, Any]:
            "reached_95": sum(trials_to(c, 0.95) is not None for c in curves),
            "incumbent_true_at_budget": statistics.median(r["incumbent_true"] for r in runs),
            "best_at_budget_min": min(c[-1] for c in curves), "best_at_budget_max": max(c[-1] for c in curves),
-           "runs": len(runs), "mean_wall_seconds": statistics.mean(r["wall_seconds"] for r in runs)}
+           "runs": len(runs), "mean_wall_seconds": statistics.mean(r["wall_seconds"] for r in runs),
+           "handed_over_runs": sum(r.get("handed_over") is not None for r in runs)}
     return out
 
 
@@ -201,7 +209,8 @@ def bench_search(args, seeds: list[int], names: list[str], workdir: Path) -> dic
                 runs[name].append(res)
                 row["strategies"].setdefault(name, []).append({"best_at_budget": round(res["curve"][-1], 4),
                                                                "trials_to_95": trials_to(res["curve"], 0.95),
-                                                               "trials_to_90": trials_to(res["curve"], 0.9)})
+                                                               "trials_to_90": trials_to(res["curve"], 0.9),
+                                                               "handed_over": res["handed_over"]})
                 print(f"seed {seed} {name:8s} rep {r}: best {res['curve'][-1]:.4f}  to0.9 {trials_to(res['curve'], 0.9)}  "
                       f"to0.95 {trials_to(res['curve'], 0.95)}  ({res['wall_seconds']:.1f}s)", flush=True)
         per_seed.append(row)
@@ -353,7 +362,8 @@ def world_run(name: str, world: Path, models: int, *, trials: int, seed: int, wo
     renders = (renders + [renders[-1]] * trials)[:trials]
     return {"curve": curve, "cum_renders": renders, "renders": acc, "trials_run": len(done), "wall_seconds": wall,
             "time_split": {k: round(v, 2) for k, v in split.items()}, "incumbent_trial": inc.number,
-            "incumbent_objective": inc.values[0], "incumbent_recipe": inc.user_attrs["recipe"]}
+            "incumbent_objective": inc.values[0], "incumbent_recipe": inc.user_attrs["recipe"], "handed_over": handed_over(done),
+            "first_objective": done[0].values[0] if done[0].state == TrialState.COMPLETE else None}
 
 
 def judge_incumbent(ev, world: Path, recipe_json: str) -> dict[str, float]:
@@ -376,6 +386,7 @@ def renders_to(run: dict[str, Any], goal: float) -> int | None:
 
 def bench_world(args, seeds: list[int], names: list[str], workdir: Path) -> dict[str, Any]:
     """``--world DIR``: every strategy through the real pipeline on a built world (see module doc)."""
+    from astolfo_opt.checkpoint.writer import atomic_write_text
     from astolfo_opt.world.check import WorldEval
 
     world = Path(args.world)
@@ -385,8 +396,14 @@ def bench_world(args, seeds: list[int], names: list[str], workdir: Path) -> dict
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for seed in seeds:
         for name in names:
-            res = world_run(name, world, args.models, trials=args.trials, seed=seed, workdir=workdir, device=args.device)
-            res["seed"] = seed
+            # a finished (strategy, seed) run is kept beside its study: a long sweep can stop and go on (--workdir)
+            done = workdir / f"{name}_n{args.models}_s{seed}_t{args.trials}.json"
+            if done.is_file():
+                res = json.loads(done.read_text())
+            else:
+                res = world_run(name, world, args.models, trials=args.trials, seed=seed, workdir=workdir, device=args.device)
+                res["seed"] = seed
+                atomic_write_text(done, json.dumps(res))
             runs[name].append(res)
             print(f"world seed {seed} {name:9s}: best objective {res['curve'][-1]:.4f} (incumbent trial {res['incumbent_trial']}), "
                   f"{res['renders']} renders, {res['wall_seconds']:.0f} s", flush=True)
@@ -415,12 +432,17 @@ def bench_world(args, seeds: list[int], names: list[str], workdir: Path) -> dict
             "time_split": {k: round(statistics.median(r["time_split"].get(k, 0.0) for r in rs), 2) for k in rs[0]["time_split"]},
             "mean_wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
             "per_run": [{k: r[k] for k in ("seed", "incumbent_trial", "incumbent_objective", "judge_accuracy", "judge_heldout",
-                                             "renders", "wall_seconds")} | {"best_at_budget": r["curve"][-1]} for r in rs],
+                                             "renders", "wall_seconds")} | {"best_at_budget": r["curve"][-1],
+                                                                            "handed_over": r.get("handed_over")} for r in rs],
         }
     return {"mode": "world", "default": DEFAULT, "trials": args.trials, "models": args.models, "seeds": seeds,
             "seed_set": args.seed_set, "world": str(world), "world_seed": json.loads((world / "world.json").read_text())["seed"],
             "pool": kept, "budget": "trials; each trial renders the study's prompt set, a reused duplicate renders nothing",
             "sampler_set": SAMPLER_SET, "best_known": {str(k): v for k, v in best_known.items()},
+            # trial 0 of every strategy: the uniform average (the study's first warm start; greedy's start point)
+            "uniform_objective": {str(seed): statistics.median(r["first_objective"] for rs in runs.values() for r in rs
+                                                               if r["seed"] == seed and r.get("first_objective") is not None)
+                                  for seed in seeds},
             "best_known_rule": "per seed, the best objective any strategy reached at T (same world, pool and prompts); "
                                "'to 95' = first reaching best_known - 0.05 |best_known| (95% of it when positive)",
             "objective": "scorer=world: CLIP similarity + aesthetic head, min-max normalised, weights 1:1",

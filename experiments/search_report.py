@@ -122,6 +122,18 @@ def suite_tables() -> str:
             inc = _f(st[n]["incumbent_true_at_budget"])
             row.append(f"{_f(st[n]['best_at_budget'])} / {'**' + inc + '**' if st[n]['incumbent_true_at_budget'] == top else inc}")
         lines.append(f"| {c['mismatch']} | {c['models']} | " + " | ".join(row) + " |")
+    world = s.get("world_cells") or []
+    if world:
+        lines += ["", "World cells (`bench_world_search_n*.json`): the median share of the gap from the uniform average to the "
+                  "best-known objective that the incumbent closed (1: the best any strategy reached on that search seed); "
+                  "bold: the best of the row.", "",
+                  "| world | N | seeds | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        for c in world:
+            st = c["strategies"]
+            top = max(st[n]["incumbent_true_at_budget"] for n in names if n in st)
+            row = [("**" + _f(st[n]["incumbent_true_at_budget"]) + "**" if st[n]["incumbent_true_at_budget"] == top
+                    else _f(st[n]["incumbent_true_at_budget"])) if n in st else "-" for n in names]
+            lines.append(f"| build seed {c['world_seed']} | {c['models']} | {', '.join(map(str, c['seeds']))} | " + " | ".join(row) + " |")
     d = s["decision"]
     lines += ["", "| strategy | worst regret | in cell |", "|---|---|---|"]
     for n, w in sorted(d["worst_regret"].items(), key=lambda kv: kv[1]["regret"]):

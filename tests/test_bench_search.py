@@ -304,6 +304,47 @@ def test_search_suite_runs_cells_and_decides_by_the_worst_case(tmp_path, bench_d
     assert suite.main(argv[:1] + ["original:4"] + argv[2:]) == 0
     assert (out / "original_n4.json").stat().st_mtime == mtime  # an existing cell is not run again
 
+    # --rerun NAME: that strategy alone runs again on every cell; its entries are replaced, the others' kept as they were
+    before = {m: json.loads((out / f"{m}_n4.json").read_text()) for m in ("original", "quadratic")}
+    assert suite.main([*argv, "--rerun", "random"]) == 0
+    for m, old in before.items():
+        new = json.loads((out / f"{m}_n4.json").read_text())
+        assert new["strategies"]["surrogate"] == old["strategies"]["surrogate"]
+        assert [r["strategies"]["surrogate"] for r in new["per_seed"]] == [r["strategies"]["surrogate"] for r in old["per_seed"]]
+        rerun = json.loads((out / "rerun_random" / f"{m}_n4.json").read_text())
+        assert new["strategies"]["random"] == rerun["strategies"]["random"] and "random" in new["reruns"]
+
+
+def test_world_cells_enter_the_rule_as_the_gap_share(tmp_path, experiment):
+    """A world-mode JSON beside the cell folder is a cell of the rule: per run the share of the uniform -> best-known
+    gap its incumbent closed (0: the uniform average, 1: the best known), median over seeds; and the world targets."""
+    suite = experiment("search_suite")
+    out = tmp_path / "cells"
+    out.mkdir()
+    cell = {"mismatch": "original", "models": 12, "seeds": [100], "trials": 60, "noise": 0.02, "strategies": {
+        s: {"incumbent_true_at_budget": v, "best_at_budget": v, "trials_to_95": None, "best_at_budget_min": v,
+            "best_at_budget_max": v} for s, v in (("surrogate", 0.9), ("random", 0.7))}}
+    (out / "original_n12.json").write_text(json.dumps(cell))
+    runs = {"surrogate": [(100, 1.0), (101, 1.4)], "random": [(100, 2.0), (101, 1.8)]}
+    world = {"mode": "world", "models": 12, "seeds": [100, 101], "trials": 60, "world_seed": 100,
+             "uniform_objective": {"100": 1.0, "101": 1.0}, "best_known": {"100": 2.0, "101": 2.0},
+             "strategies": {s: {"best_at_budget": max(v for _, v in r), "judge_accuracy": 0.5,
+                                "renders_to_95": 12 if s == "surrogate" else 48,
+                                "per_run": [{"seed": seed, "incumbent_objective": v} for seed, v in r]}
+                            for s, r in runs.items()}}
+    (tmp_path / "bench_world_search_n12.json").write_text(json.dumps(world))
+    summary = suite.write_report(out)
+    w = summary["world_cells"][0]["strategies"]
+    assert w["surrogate"]["incumbent_true_at_budget"] == pytest.approx(0.2)  # median of 0.0 and 0.4
+    assert w["random"]["incumbent_true_at_budget"] == pytest.approx(0.9)  # median of 1.0 and 0.8
+    d = summary["decision"]
+    assert d["cells"] == 2 and d["worst_regret"]["surrogate"] == {"regret": pytest.approx(0.7), "cell": "world N=12"}
+    assert d["worst_regret"]["random"]["regret"] == pytest.approx(0.2) and d["winner"] == "random"
+    t = summary["targets"]
+    assert t["world_n12: default median objective >= every other strategy's"]["met"] is False
+    assert t["world_n12: default renders to 95% <= 1/3 of random's"] == {"default": 12, "random": 48, "met": True}
+    assert not any(k.startswith("world_n12: default >= tpe") for k in t)
+
 
 def test_bench_search_readme_is_generated_from_the_committed_json(experiment, tmp_path):
     """Every table of experiments/README_bench_search.md comes from experiments/results (no hand-typed figure goes
@@ -347,6 +388,15 @@ def test_world_mode_runs_strategies_through_the_real_pipeline(tmp_path, capsys, 
         assert 0.0 <= s["judge_accuracy"] <= 1.0 and 0.0 <= s["judge_heldout"] <= 1.0
         assert s["time_split"]["render"] > 0 and s["time_split"]["merge"] > 0
     assert res["best_known"]["0"] == pytest.approx(max(s["best_at_budget"] for s in res["strategies"].values()))
+    assert res["uniform_objective"]["0"] == pytest.approx(res["strategies"]["random"]["curve"][0])  # trial 0: the average
+    # a finished (strategy, seed) run is kept: the same sweep again reuses it instead of running the study again
+    kept = tmp_path / "runs" / "random_n3_s0_t3.json"
+    mtime = kept.stat().st_mtime
+    assert bench.main(["--world", str(world), "--models", "3", "--trials", "3", "--seed", "0", "--strategies", "random",
+                       "--workdir", str(tmp_path / "runs"), "--json", str(tmp_path / "again.json")]) == 0
+    assert kept.stat().st_mtime == mtime
+    again = json.loads((tmp_path / "again.json").read_text())["strategies"]["random"]
+    assert again["curve"] == res["strategies"]["random"]["curve"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.main(["--world", str(world), "--models", "40", "--trials", "3", "--strategies", "random",
                        "--json", str(tmp_path / "x.json")]) == 2

@@ -27,8 +27,16 @@ from astolfo_opt.search.surrogate.projector import Projector
 log = logging.getLogger("astolfo_opt.search")
 
 
-#: the trial attribute naming why the staged plan proposed instead
+#: the trial attribute naming why the staged plan (or the misfit fallback) proposed instead
 FALLBACK_ATTR = "sampler_fallback"
+
+
+#: how a misfit hand-over's reason starts (the trials carry it; :meth:`SurrogateSampler._handed_over` reads it)
+MISFIT = "the score model does not explain the best trial"
+
+
+class Misfit(Exception):
+    """The fitted score model does not explain the study's best trial: its proposals would follow a wrong model."""
 
 
 def _finished(study: optuna.Study, dists: Mapping[str, BaseDistribution], sign: float,
@@ -70,14 +78,20 @@ class SurrogateSampler(BaseSampler):
     draws from the Laplace posterior (``thompson_scale`` times its spread: exploration where the fit is unsure). A
     draw that lands on an already proposed recipe is redrawn wider; after ``max_draws`` the staged plan proposes.
 
+    The model is checked before each proposal: when the study's best trial lies more than ``misfit_sigmas`` fitted
+    noise sds above the model's value there, the objective is not shaped like a cone in the Gram metric (on the
+    trained world, merges with an outlier score far below what their weight-space distance says, so no centre fits the
+    base alone and its neighbours at once), and ``misfit_fallback`` (Optuna's GP on the parameters, or TPE) proposes
+    from then on; the trials record why, and a WARNING says so once.
+
     ``weight_space`` can be given (tests, benchmarks that already hold the Gram matrices); otherwise it comes from the
     pool files named by the study (the ``pool`` study attribute the search writes, else the models of the trials'
     recipes) through :func:`weight_space_from_files` - one pass over the files, then cached."""
 
     def __init__(self, seed: int | None = None, *, n_startup: int = 16, map_every: int = 2, thompson_scale: float = 1.0,
                  max_draws: int = 6, fit_power: bool = False, prior_sd_weight: float = 0.5, prior_sd_alpha: float = 0.1,
-                 prior_sd_shared_alpha: float = 0.5, device: str = "cpu", weight_space: WeightSpace | None = None,
-                 staged: Mapping[str, Any] | None = None):
+                 prior_sd_shared_alpha: float = 0.5, misfit_sigmas: float = 3.0, misfit_fallback: str = "gp",
+                 device: str = "cpu", weight_space: WeightSpace | None = None, staged: Mapping[str, Any] | None = None):
         self.seed = seed
         self.n_startup = max(int(n_startup), 2)
         self.map_every = max(int(map_every), 1)
@@ -86,6 +100,11 @@ class SurrogateSampler(BaseSampler):
         self.fit_power = bool(fit_power)
         self.prior_sd_weight, self.prior_sd_alpha = float(prior_sd_weight), float(prior_sd_alpha)
         self.prior_sd_shared_alpha = float(prior_sd_shared_alpha)
+        self.misfit_sigmas = float(misfit_sigmas or 0.0)
+        if misfit_fallback not in ("gp", "tpe"):
+            raise ConfigError(f"sampler.misfit_fallback={misfit_fallback!r}: use gp or tpe")
+        self.misfit_fallback = str(misfit_fallback)
+        self._misfit_sampler: BaseSampler | None = None
         self.device = str(device)
         self.weight_space = weight_space
         self._staged = StagedSampler(seed=seed, **dict(staged or {}))
@@ -108,7 +127,14 @@ class SurrogateSampler(BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         if not search_space:
             return {}
-        params = self.propose(study, search_space)
+        handed = self._handed_over(study)
+        if handed is not None:
+            params = self._misfit(study, trial, search_space, handed)
+        else:
+            try:
+                params = self.propose(study, search_space)
+            except Misfit as e:
+                params = self._misfit(study, trial, search_space, str(e))
         # which kind of proposal this is, for the dashboard and for pruner=incumbent's ``spare_exploit``
         study._storage.set_trial_user_attr(trial._trial_id, PROPOSAL_ATTR, self.last_kind)
         if self.last_fallback is not None:  # why the staged plan proposed this one, on the trial for the dashboard
@@ -121,6 +147,37 @@ class SurrogateSampler(BaseSampler):
         return start_params({param_name: param_distribution})[param_name]
 
     # ---- proposal -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _handed_over(study: optuna.Study) -> str | None:
+        """The reason of the study's first misfit hand-over, if there was one. The hand-over is for good: a later fit
+        that happens to explain the best trial (a model with many trials near it can) is still the wrong shape, and
+        going back and forth wastes the trials each side spends re-learning. Read from the trials, so a resumed study
+        or another worker decides the same."""
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+            why = t.user_attrs.get(FALLBACK_ATTR)
+            if isinstance(why, str) and why.startswith(MISFIT):
+                return f"since trial {t.number}: {why}"
+        return None
+
+    def _misfit(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution], why: str) -> Params:
+        """The misfit fallback's proposal (the kind ``misfit``; the reason on the trial, a WARNING once)."""
+        self.last_fallback, self.last_kind = why, "misfit"
+        if "misfit" not in self._warned:
+            self._warned.add("misfit")
+            log.warning("sampler=surrogate: %s; sampler=%s proposes from here on", why, self.misfit_fallback)
+        if self._misfit_sampler is None:
+            S = optuna.samplers
+            self._misfit_sampler = (S.GPSampler(seed=self.seed) if self.misfit_fallback == "gp"
+                                    else S.TPESampler(seed=self.seed, multivariate=True, group=True, constant_liar=True))
+        params = self._misfit_sampler.sample_relative(study, trial, search_space)
+        params = {n: params[n] if n in params else start_params({n: d})[n] for n, d in search_space.items()}
+        _, seen = _finished(study, search_space, 1.0)
+        if _key(params) in seen:  # Optuna's GP may propose a known point again: a trial spent on nothing new
+            staged = self._staged.propose(study, search_space)
+            self.last_kind = "staged"
+            return staged
+        return params
+
     def _fallback(self, study: optuna.Study, dists: Mapping[str, BaseDistribution], why: str) -> Params:
         self.last_fallback = why
         self.last_kind = "staged"
@@ -170,6 +227,8 @@ class SurrogateSampler(BaseSampler):
             sur.fit(U, y, weights=wts, starts=[sur.x_from_params(best), sur.prior_mean()])
         except (ValueError, np.linalg.LinAlgError, FloatingPointError) as e:  # degenerate data: never stop a study
             return self._fallback(study, full, f"surrogate fit failed ({type(e).__name__}: {e})")
+        if self.misfit_sigmas > 0 and dists == full:  # with method categoricals the staged plan keeps proposing
+            self._check_fit(sur, U, y)
         # the draw depends only on the seed and the number of finished trials: the same study state -> the same point
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"surrogate|{self.seed}|{len(done)}".encode()).digest()[:8], "big"))
         scale = 0.0 if (len(done) - self.n_startup) % self.map_every == 0 else self.thompson_scale
@@ -183,6 +242,17 @@ class SurrogateSampler(BaseSampler):
                 return params
             scale = max(scale, self.thompson_scale) * 1.5  # that recipe is known already: look a little wider
         return self._fallback(study, full, "every draw landed on a known recipe")
+
+    def _check_fit(self, sur: RadialSurrogate, U: np.ndarray, y: np.ndarray) -> None:
+        """Raise :class:`Misfit` when the best trial lies more than ``misfit_sigmas`` noise sds above the fitted model.
+        The sd is the residuals' median absolute deviation (x 1.4826), not the fit's σ: one trial the model cannot
+        explain inflates σ by itself and would hide its own misfit; floored at the fit's prior noise level."""
+        resid = y - sur.predict(sur.x, U)[0]
+        i = int(np.argmax(y))
+        sd = max(1.4826 * float(np.median(np.abs(resid - np.median(resid)))), sur.sig0 * float(y.max() - y.min()), 1e-12)
+        if resid[i] > self.misfit_sigmas * sd:
+            raise Misfit(f"{MISFIT} (observed {y[i]:.4g}, model {y[i] - resid[i]:.4g}: "
+                         f"{resid[i] / sd:.1f} noise sds above it, threshold {self.misfit_sigmas:g})")
 
     def _data(self, pm: ParamMap, done: Sequence[tuple[FrozenTrial, float]]
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Params]:
@@ -256,7 +326,7 @@ class SurrogateSampler(BaseSampler):
 def make_surrogate_sampler(seed: int | None = None, **opts: Any) -> SurrogateSampler:
     """``sampler=surrogate`` from its config options (unknown keys are a one-line ConfigError)."""
     allowed = {"n_startup", "map_every", "thompson_scale", "max_draws", "fit_power", "prior_sd_weight", "prior_sd_alpha",
-               "prior_sd_shared_alpha", "device", "staged"}
+               "prior_sd_shared_alpha", "misfit_sigmas", "misfit_fallback", "device", "staged"}
     bad = sorted(set(opts) - allowed)
     if bad:
         raise ConfigError(f"sampler.{bad[0]} is not an option of sampler=surrogate (options: {', '.join(sorted(allowed))})")
