@@ -78,11 +78,11 @@ class SurrogateSampler(BaseSampler):
     draws from the Laplace posterior (``thompson_scale`` times its spread: exploration where the fit is unsure). A
     draw that lands on an already proposed recipe is redrawn wider; after ``max_draws`` the staged plan proposes.
 
-    The model is checked before each proposal: when the study's best trial lies more than ``misfit_sigmas`` fitted
-    noise sds above the model's value there, the objective is not shaped like a cone in the Gram metric (on the
-    trained world, merges with an outlier score far below what their weight-space distance says, so no centre fits the
-    base alone and its neighbours at once), and ``misfit_fallback`` (Optuna's GP on the parameters, or TPE) proposes
-    from then on; the trials record why, and a WARNING says so once.
+    The model is checked before each proposal: when the study's best trial lies more than ``misfit_sigmas`` robust
+    noise sds (from the residuals' median absolute deviation) above the model's value there, the objective is not
+    shaped like a cone in the Gram metric (on the trained world, merges with an outlier score far below what their
+    weight-space distance says, so no centre fits the base alone and its neighbours at once), and ``misfit_fallback``
+    (Optuna's GP on the parameters, or TPE) proposes from then on; the trials record why, and a WARNING says so once.
 
     ``weight_space`` can be given (tests, benchmarks that already hold the Gram matrices); otherwise it comes from the
     pool files named by the study (the ``pool`` study attribute the search writes, else the models of the trials'
