@@ -478,22 +478,32 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     from astolfo_opt.checkpoint.writer import atomic_write_bytes
 
     series = result["strategies"] if "strategies" in result else result["pruners"]
+    world = result.get("mode") == "world"
+    # world: the warm starts (uniform average, base alone) put every Optuna strategy near the best at trial 2, so the
+    # axis starts there - what the strategies add after it is the interesting part; a curve that stays below says so
+    lo = max(s["curve"][1] for s in series.values()) if world else None  # the base alone: every study's trial 2
+    hi = max(s["curve"][-1] for s in series.values())
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for name, s in series.items():
         lw = 2.6 if name in (result.get("default"), "none") else 1.4
-        ax.plot(range(1, len(s["curve"]) + 1), s["curve"], label=name, lw=lw)
+        below = lo is not None and s["curve"][-1] < lo
+        ax.plot(range(1, len(s["curve"]) + 1), s["curve"], label=f"{name} (below: ends at {s['curve'][-1]:.3f})" if below else name,
+                lw=lw)
     ax.set_xlabel("trial")
-    if result.get("mode") == "world":
+    if world:
         ax.set_ylabel("best objective so far (median over seeds)")
+        if lo is not None and hi > lo:
+            ax.set_ylim(lo - 0.15 * (hi - lo), hi + 0.1 * (hi - lo))
     else:
         ax.axhline(0.95, color="grey", ls="--", lw=0.8)
         ax.set_ylabel("best true s so far (median)")
         ax.set_ylim(min(0.0, min(min(s["curve"]) for s in series.values())), 1.0)
     title = "pruning (default strategy)" if "pruners" in result else (
         "search strategies on the trained world" if result.get("mode") == "world" else "search strategies")
-    ax.set_title(f"{title}: N={result['models']}, T={result['trials']}, seeds {result['seeds']}")
+    ax.set_title(f"{title}: N={result['models']}, T={result['trials']}, seeds {', '.join(map(str, result['seeds']))}",
+                 fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left" if world else "lower right")
     import io
 
     buf = io.BytesIO()
