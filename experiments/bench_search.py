@@ -397,7 +397,8 @@ def bench_world(args, seeds: list[int], names: list[str], workdir: Path) -> dict
     for seed in seeds:
         for name in names:
             # a finished (strategy, seed) run is kept beside its study: a long sweep can stop and go on (--workdir)
-            done = workdir / f"{name}_n{args.models}_s{seed}_t{args.trials}.json"
+            changed = "".join(f"_{k}={v}" for k, v in sorted(SAMPLER_SET.get(name, {}).items()))  # a --sampler-set run is another run
+            done = workdir / f"{name}{changed}_n{args.models}_s{seed}_t{args.trials}.json"
             if done.is_file():
                 res = json.loads(done.read_text())
             else:

@@ -11,6 +11,10 @@ subprocess with one BLAS thread), then reports:
   should be the strategy whose largest regret over all cells is smallest (ties: the current default);
 - the issue's targets that these cells can check.
 
+The committed world-mode results (``experiments/results/bench_world_search_n*.json``, ``bench_search.py --world``)
+join the rule as cells too, on the same 0-to-1 scale (:func:`load_world_cells`). ``--rerun NAME`` runs one changed
+strategy again on every cell and keeps the others' runs.
+
 The summary goes to ``experiments/results/search_suite.json``; ``experiments/search_report.py`` (run at the end when the
 cells are the committed ones) turns it into the tables of ``experiments/README_bench_search.md`` - never typed by hand.
 
