@@ -165,10 +165,10 @@ class SurrogateSampler(BaseSampler):
         if "misfit" not in self._warned:
             self._warned.add("misfit")
             log.warning("sampler=surrogate: %s; sampler=%s proposes from here on", why, self.misfit_fallback)
-        if self._misfit_sampler is None:
-            S = optuna.samplers
-            self._misfit_sampler = (S.GPSampler(seed=self.seed) if self.misfit_fallback == "gp"
-                                    else S.TPESampler(seed=self.seed, multivariate=True, group=True, constant_liar=True))
+        if self._misfit_sampler is None:  # exactly as sampler=gp / sampler=tpe with the shipped defaults
+            from astolfo_opt.search.study import make_sampler
+
+            self._misfit_sampler = make_sampler({"name": self.misfit_fallback}, self.seed, multi=False, constraints=False)
         params = self._misfit_sampler.sample_relative(study, trial, search_space)
         params = {n: params[n] if n in params else start_params({n: d})[n] for n, d in search_space.items()}
         _, seen = _finished(study, search_space, 1.0)
