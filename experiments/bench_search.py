@@ -249,11 +249,29 @@ def criteria(summary: dict[str, Any], trials: int) -> dict[str, Any]:
     return out
 
 
-def bench_pruning(args, seeds: list[int], workdir: Path) -> dict[str, Any]:
-    pruners = [p.strip() for p in args.pruners.split(",") if p.strip()]
+def saving_at_equal_best(base_curve: list[float], base_cum: list[int], curve: list[float], cum: list[int],
+                         total: int) -> tuple[float, bool]:
+    """``(saving, reached)``: the share of render cost the pruned run saved reaching the unpruned run's final best -
+    ``1 - cost until the pruned run first had it / cost until the unpruned run first had it``. The final best, not
+    the best at T trials, because pruning's point is reaching the same merge for fewer renders; a pruned run that
+    never reaches it is charged everything it rendered (``reached`` False)."""
+    goal = base_curve[-1]
+    ib = next(j for j, v in enumerate(base_curve) if v >= goal - 1e-12)
+    need = max(base_cum[min(ib, len(base_cum) - 1)], 1)
+    i = next((j for j, v in enumerate(curve[: len(cum)]) if v >= goal - 1e-12), None)
+    return (1 - cum[i] / need, True) if i is not None else (1 - total / need, False)
+
+
+def parse_pruners(text: str) -> list[str]:
+    pruners = [p.strip() for p in text.split(",") if p.strip()]
     for p in pruners:
         if p.partition(":")[0] not in PRUNERS:
             raise ConfigError(f"--pruners: {p!r} is unknown; use some of {', '.join(PRUNERS)}")
+    return pruners
+
+
+def bench_pruning(args, seeds: list[int], workdir: Path) -> dict[str, Any]:
+    pruners = parse_pruners(args.pruners)
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in pruners}
     note = None
     for seed in seeds:
@@ -273,21 +291,14 @@ def bench_pruning(args, seeds: list[int], workdir: Path) -> dict[str, Any]:
     base_steps = statistics.median(r["render_steps"] for r in base.values()) if base else None
     for p, rs in runs.items():
         steps = statistics.median(r["render_steps"] for r in rs)
-        # equal final best: render steps the pruned run needed to first reach the unpruned run's final best
         eq, reached = [], 0
         for r in rs:
             b = base.get(r["key"])
             if b is None:
                 continue
-            goal = b["curve"][-1]
-            ib = next(j for j, v in enumerate(b["curve"]) if v >= goal - 1e-12)
-            need = max(b["cum_steps"][min(ib, len(b["cum_steps"]) - 1)], 1)  # unpruned steps until it first had its best
-            i = next((j for j, v in enumerate(r["curve"][: len(r["cum_steps"])]) if v >= goal - 1e-12), None)
-            if i is not None:
-                reached += 1
-                eq.append(1 - r["cum_steps"][i] / need)
-            else:  # never reached with twice the trials: all its steps, and counted as a failure
-                eq.append(1 - r["render_steps"] / need)
+            saved, hit = saving_at_equal_best(b["curve"], b["cum_steps"], r["curve"], r["cum_steps"], r["render_steps"])
+            eq.append(saved)
+            reached += hit
         n = len(rs[0]["curve"])
         out[p] = {"best_at_budget": statistics.median(r["curve"][-1] for r in rs), "trials": n,
                   "best_at_T": statistics.median(r["curve"][min(args.trials, n) - 1] for r in rs),
@@ -320,9 +331,20 @@ def world_pool_subset(world: Path, models: int) -> tuple[list[str], list[str]]:
     return kept, [m for m in names if m not in kept]
 
 
-def world_run(name: str, world: Path, models: int, *, trials: int, seed: int, workdir: Path, device: str) -> dict[str, Any]:
+def run_name(name: str, models: int, seed: int, pruner: str = "none", batch: int | None = None) -> str:
+    """The folder / cache name of one world run: a ``--sampler-set``, pruned or re-batched run is another run, never the
+    shipped one's (two processes with different settings must not share a study)."""
+    changed = "".join(f"_{k}-{v}" for k, v in sorted(SAMPLER_SET.get(name, {}).items()))  # no "=": Hydra reads run_dir
+    return (f"{name}{changed}{'' if pruner == 'none' else '_' + pruner.replace(':', '-')}"
+            f"{'' if batch is None else f'_b{batch}'}_n{models}_s{seed}")
+
+
+def world_run(name: str, world: Path, models: int, *, trials: int, seed: int, workdir: Path, device: str,
+              pruner: str = "none", batch: int | None = None) -> dict[str, Any]:
     """One real study on the world (merge -> swap -> render -> score) with strategy ``name``: the shipped sampler
-    (or ``strategy=greedy``), no pruner, the study's warm starts; per trial its objective and the renders it cost."""
+    (or ``strategy=greedy``), ``pruner`` (none in search mode), the study's warm starts; per trial its objective and the
+    renders it cost (a pruned trial counts the prompts it rendered). ``batch``: prompts per pipeline call, i.e. per
+    pruning report (the world's shipped 12 is one report per trial, so nothing can be pruned)."""
     import shutil
 
     import optuna
@@ -332,10 +354,12 @@ def world_run(name: str, world: Path, models: int, *, trials: int, seed: int, wo
     from astolfo_opt.search.demo import world_search_config
     from astolfo_opt.search.study import open_storage_url
 
-    out = workdir / f"{name}_n{models}_s{seed}"
+    out = workdir / run_name(name, models, seed, pruner, batch)
     shutil.rmtree(out, ignore_errors=True)
     _, excluded = world_pool_subset(world, models)
-    overrides = ["pruner=none", f"seed={seed}", "progress=false", "artifacts=false",
+    pr, _, opts = pruner.partition(":")  # e.g. "incumbent:z=1.5;n_warmup_steps=0", as the synthetic pruning mode
+    overrides = [f"pruner={pr}", *(f"pruner.{kv.strip()}" for kv in opts.split(";") if kv.strip()),
+                 *([f"render.batch_size={batch}"] if batch is not None else []), f"seed={seed}", "progress=false", "artifacts=false",
                  "strategy=greedy" if name == "greedy" else f"sampler={name}",
                  *(f"sampler.{k}={json.dumps(v)}" for k, v in SAMPLER_SET.get(name, {}).items())]
     cfg = world_search_config(world, out, trials, device=device, study_name=name, extra_overrides=overrides, exclude=excluded)
@@ -363,7 +387,28 @@ def world_run(name: str, world: Path, models: int, *, trials: int, seed: int, wo
     return {"curve": curve, "cum_renders": renders, "renders": acc, "trials_run": len(done), "wall_seconds": wall,
             "time_split": {k: round(v, 2) for k, v in split.items()}, "incumbent_trial": inc.number,
             "incumbent_objective": inc.values[0], "incumbent_recipe": inc.user_attrs["recipe"], "handed_over": handed_over(done),
+            "pruned": sum(t.state == TrialState.PRUNED for t in done),
             "first_objective": done[0].values[0] if done[0].state == TrialState.COMPLETE else None}
+
+
+def kept_world_run(args, name: str, seed: int, workdir: Path, *, trials: int, pruner: str = "none",
+                   batch: int | None = None) -> dict[str, Any]:
+    """:func:`world_run`, or its result kept beside its study by an earlier sweep: a long sweep can stop and go on
+    (``--workdir``), and the pruning mode's unpruned runs are the search mode's."""
+    from astolfo_opt.checkpoint.writer import atomic_write_text
+
+    done = workdir / f"{run_name(name, args.models, seed, pruner, batch)}_t{trials}.json"
+    if done.is_file():
+        res = json.loads(done.read_text())
+    else:
+        res = world_run(name, Path(args.world), args.models, trials=trials, seed=seed, workdir=workdir, device=args.device,
+                        pruner=pruner, batch=batch)
+        res["seed"] = seed
+        atomic_write_text(done, json.dumps(res))
+    print(f"world seed {seed} {name:9s} pruner {pruner}: best objective {res['curve'][-1]:.4f} (incumbent trial "
+          f"{res['incumbent_trial']}), {res['renders']} renders, {res.get('pruned', 0)} pruned, {res['wall_seconds']:.0f} s",
+          flush=True)
+    return res
 
 
 def judge_incumbent(ev, world: Path, recipe_json: str) -> dict[str, float]:
@@ -380,34 +425,101 @@ def judge_incumbent(ev, world: Path, recipe_json: str) -> dict[str, float]:
     return {"judge_accuracy": (a * len(study) + h * len(held)) / (len(study) + len(held)), "judge_study": a, "judge_heldout": h}
 
 
+def checked_world(path: str) -> Path:
+    world = Path(path)
+    if not (world / "world.json").is_file():
+        raise ConfigError(f"--world {world}: no world.json there (build one: astolfo-opt world build --out {world} --size bench)")
+    return world
+
+
+def best_by_renders(run: dict[str, Any], grid: list[int]) -> list[float]:
+    """The run's best objective once it had spent at most ``r`` renders, for each ``r`` of ``grid`` (-inf before its
+    first finished trial): the curve that compares runs whose trials cost different numbers of renders."""
+    out = []
+    for r in grid:
+        i = next((j for j, c in reversed(list(enumerate(run["cum_renders"]))) if c <= r), None)
+        out.append(run["curve"][i] if i is not None else -math.inf)
+    return out
+
+
+def bench_world_pruning(args, seeds: list[int], workdir: Path) -> dict[str, Any]:
+    """``--world DIR --mode pruning``: the default strategy on the world without a pruner (the search mode's runs, the
+    shipped one-batch render) and with each pruner (``--prune-batch`` prompts per pruning report, ``--pruned-budget``
+    times the trials, since a pruned trial is cheaper); renders saved at the unpruned run's final best, per seed."""
+    from astolfo_opt.render.prompts import load_prompt_set
+    from astolfo_opt.world.check import WorldEval
+
+    world = checked_world(args.world)
+    pruners = parse_pruners(args.pruners)
+    if "none" not in pruners:
+        raise ConfigError("--pruners: include none, the run every pruner is compared with")
+    n_prompts = len(load_prompt_set(world / "prompts.yaml").prompts)
+    if not 1 <= args.prune_batch < n_prompts:
+        raise ConfigError(f"--prune-batch {args.prune_batch}: give 1 to {n_prompts - 1} (the world has {n_prompts} prompts; "
+                          "one batch per trial leaves the pruner nothing to stop)")
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in pruners}
+    for seed in seeds:
+        for p in pruners:
+            pruned = p != "none"
+            runs[p].append(kept_world_run(args, args.pruning_strategy, seed, workdir, pruner=p,
+                                          trials=int(args.trials * args.pruned_budget) if pruned else args.trials,
+                                          batch=args.prune_batch if pruned else None))
+    ev = WorldEval(world, device=args.device)
+    for rs in runs.values():
+        for r in rs:
+            r.update(judge_incumbent(ev, world, r["incumbent_recipe"]))
+    base = {r["seed"]: r for r in runs["none"]}
+    top = max(r["cum_renders"][-1] for rs in runs.values() for r in rs)
+    grid = list(range(n_prompts, top + n_prompts, n_prompts))
+    out: dict[str, Any] = {}
+    for p, rs in runs.items():
+        per_run = []
+        for r in rs:
+            b = base[r["seed"]]
+            saved, hit = saving_at_equal_best(b["curve"], b["cum_renders"], r["curve"], r["cum_renders"], r["renders"])
+            spent = b["cum_renders"][-1]  # the unpruned run's renders in T trials: the equal-renders budget
+            at_equal = max((v for v, c in zip(r["curve"], r["cum_renders"], strict=True) if c <= spent), default=-math.inf)
+            per_run.append({"seed": r["seed"], "saving_at_equal_best": round(saved, 4), "reached_unpruned_best": hit,
+                            "best_at_equal_renders": at_equal, "best_at_budget": r["curve"][-1], "renders": r["renders"],
+                            "trials_run": r["trials_run"], "pruned": r.get("pruned", 0), "judge_accuracy": r["judge_accuracy"],
+                            "incumbent_trial": r["incumbent_trial"], "wall_seconds": r["wall_seconds"]})
+        def med(k: str, rows: list[dict[str, Any]] = per_run) -> float:
+            return statistics.median(x[k] for x in rows)
+
+        out[p] = {"batch": args.prune_batch if p != "none" else n_prompts, "trials": len(rs[0]["curve"]),
+                  "best_at_budget": med("best_at_budget"), "best_at_equal_renders": med("best_at_equal_renders"),
+                  "best_at_T": statistics.median(r["curve"][args.trials - 1] for r in rs),
+                  "renders": med("renders"), "renders_at_T": statistics.median(r["cum_renders"][args.trials - 1] for r in rs),
+                  "pruned_trials": med("pruned"), "saving_at_equal_best": med("saving_at_equal_best"),
+                  "reached_unpruned_best": f"{sum(x['reached_unpruned_best'] for x in per_run)}/{len(per_run)}",
+                  "judge_accuracy": med("judge_accuracy"), "mean_wall_seconds": statistics.mean(x["wall_seconds"] for x in per_run),
+                  "curve": [round(statistics.median(r["curve"][min(i, len(r["curve"]) - 1)] for r in rs), 5)
+                            for i in range(len(rs[0]["curve"]))],
+                  "by_renders": [round(statistics.median(c), 5) for c in zip(*(best_by_renders(r, grid) for r in rs), strict=True)],
+                  "per_run": per_run}
+    return {"mode": "pruning", "world": str(world), "world_seed": json.loads((world / "world.json").read_text())["seed"],
+            "default": DEFAULT, "strategy": args.pruning_strategy, "trials": args.trials, "pruned_budget": args.pruned_budget,
+            "models": args.models, "prompts": n_prompts, "seeds": seeds, "seed_set": args.seed_set, "render_grid": grid,
+            "rule": "saving at equal best: 1 - renders until the pruned run first reached the unpruned run's final best / "
+                    "renders until the unpruned run first reached it (same seed); a run that never reaches it is charged "
+                    "all its renders. best_at_equal_renders: the pruned run's best within the unpruned run's renders in T trials",
+            "pruners": out}
+
+
 def renders_to(run: dict[str, Any], goal: float) -> int | None:
     return next((r for v, r in zip(run["curve"], run["cum_renders"], strict=True) if v >= goal), None)
 
 
 def bench_world(args, seeds: list[int], names: list[str], workdir: Path) -> dict[str, Any]:
     """``--world DIR``: every strategy through the real pipeline on a built world (see module doc)."""
-    from astolfo_opt.checkpoint.writer import atomic_write_text
     from astolfo_opt.world.check import WorldEval
 
-    world = Path(args.world)
-    if not (world / "world.json").is_file():
-        raise ConfigError(f"--world {world}: no world.json there (build one: astolfo-opt world build --out {world} --size bench)")
+    world = checked_world(args.world)
     kept, _ = world_pool_subset(world, args.models)
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for seed in seeds:
         for name in names:
-            # a finished (strategy, seed) run is kept beside its study: a long sweep can stop and go on (--workdir)
-            changed = "".join(f"_{k}={v}" for k, v in sorted(SAMPLER_SET.get(name, {}).items()))  # a --sampler-set run is another run
-            done = workdir / f"{name}{changed}_n{args.models}_s{seed}_t{args.trials}.json"
-            if done.is_file():
-                res = json.loads(done.read_text())
-            else:
-                res = world_run(name, world, args.models, trials=args.trials, seed=seed, workdir=workdir, device=args.device)
-                res["seed"] = seed
-                atomic_write_text(done, json.dumps(res))
-            runs[name].append(res)
-            print(f"world seed {seed} {name:9s}: best objective {res['curve'][-1]:.4f} (incumbent trial {res['incumbent_trial']}), "
-                  f"{res['renders']} renders, {res['wall_seconds']:.0f} s", flush=True)
+            runs[name].append(kept_world_run(args, name, seed, workdir, trials=args.trials))
     ev = WorldEval(world, device=args.device)
     for rs in runs.values():
         for r in rs:
@@ -479,7 +591,9 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     from astolfo_opt.checkpoint.writer import atomic_write_bytes
 
     series = result["strategies"] if "strategies" in result else result["pruners"]
-    world = result.get("mode") == "world"
+    if "render_grid" in result:  # world pruning: cost is renders, and a pruned trial costs fewer than a finished one
+        series = {n: {**s, "curve": s["by_renders"]} for n, s in series.items()}
+    world = "world" in result
     # world: the warm starts (uniform average, base alone) put every Optuna strategy near the best at trial 2, so the
     # axis starts there - what the strategies add after it is the interesting part; a curve that stays below says so
     lo = max(s["curve"][1] for s in series.values()) if world else None  # the base alone: every study's trial 2
@@ -488,9 +602,9 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     for name, s in series.items():
         lw = 2.6 if name in (result.get("default"), "none") else 1.4
         below = lo is not None and s["curve"][-1] < lo
-        ax.plot(range(1, len(s["curve"]) + 1), s["curve"], label=f"{name} (below: ends at {s['curve'][-1]:.3f})" if below else name,
-                lw=lw)
-    ax.set_xlabel("trial")
+        xs = result.get("render_grid") or range(1, len(s["curve"]) + 1)
+        ax.plot(xs, s["curve"], label=f"{name} (below: ends at {s['curve'][-1]:.3f})" if below else name, lw=lw)
+    ax.set_xlabel("renders (prompts rendered)" if "render_grid" in result else "trial")
     if world:
         ax.set_ylabel("best objective so far (median over seeds)")
         if lo is not None and hi > lo:
@@ -499,7 +613,7 @@ def write_png(result: dict[str, Any], path: Path) -> None:
         ax.axhline(0.95, color="grey", ls="--", lw=0.8)
         ax.set_ylabel("best true s so far (median)")
         ax.set_ylim(min(0.0, min(min(s["curve"]) for s in series.values())), 1.0)
-    title = "pruning (default strategy)" if "pruners" in result else (
+    title = ("pruning on the trained world" if world else "pruning (default strategy)") if "pruners" in result else (
         "search strategies on the trained world" if result.get("mode") == "world" else "search strategies")
     ax.set_title(f"{title}: N={result['models']}, T={result['trials']}, seeds {', '.join(map(str, result['seeds']))}",
                  fontsize=10)
@@ -537,6 +651,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pruned-budget", type=float, default=2.0,
                     help="pruning mode: trial budget of pruned runs as a multiple of --trials (to measure steps at equal best)")
     ap.add_argument("--prompts", type=int, default=8, help="pruning mode: prompt steps per trial")
+    ap.add_argument("--prune-batch", type=int, default=4, help="world pruning mode: prompts per pruning report in the pruned "
+                    "runs (the world renders its 12 prompts in one call otherwise)")
     ap.add_argument("--render", action="store_true", help="pruning mode: really render a tiny image per step when possible")
     ap.add_argument("--workdir", default=None, help="where pools are generated and reused (default: a temp folder)")
     ap.add_argument("--json", required=True, help="result JSON path")
@@ -574,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
             workdir = Path(args.workdir) if args.workdir else Path(tmp)
-            if args.world:
+            if args.world and args.mode == "pruning":
+                result = bench_world_pruning(args, seeds, workdir)
+            elif args.world:
                 result = bench_world(args, seeds, names, workdir)
             elif args.mode == "search":
                 result = bench_search(args, seeds, names, workdir)
@@ -588,7 +706,12 @@ def main(argv: list[str] | None = None) -> int:
     except AstolfoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.world:
+    if args.world and args.mode == "pruning":
+        for p, s in result["pruners"].items():
+            print(f"{p:18s} best={s['best_at_budget']:.4f} at_equal_renders={s['best_at_equal_renders']:.4f} "
+                  f"renders={s['renders']} saving@equal_best={s['saving_at_equal_best']} reached={s['reached_unpruned_best']} "
+                  f"judge={s['judge_accuracy']:.3f}")
+    elif args.world:
         for n, s in result["strategies"].items():
             print(f"{n:9s} best_at_budget={s['best_at_budget']:.4f} judge={s['judge_accuracy']:.3f} "
                   f"renders_to_95={s['renders_to_95']} trials_to_95={s['trials_to_95']}")

@@ -404,6 +404,59 @@ def test_world_mode_runs_strategies_through_the_real_pipeline(tmp_path, capsys, 
     assert err.startswith("error:") and "--models 40" in err and "world build" in err
 
 
+def test_saving_at_equal_best_counts_the_cost_until_the_unpruned_final_best(experiment):
+    bench = experiment("bench_search")
+    base_curve, base_cum = [0.5, 0.8, 0.9, 0.9], [12, 24, 36, 48]  # the unpruned run first has its 0.9 after 36 renders
+    # the pruned run gets there after 16 renders (its bad trials stopped after one 4-prompt batch)
+    saved, hit = bench.saving_at_equal_best(base_curve, base_cum, [0.5, 0.7, 0.9, 0.95], [12, 16, 28, 40], 40)
+    assert hit and saved == pytest.approx(1 - 28 / 36)
+    saved, hit = bench.saving_at_equal_best(base_curve, base_cum, [0.5, 0.6], [12, 16], 16)  # never reaches 0.9
+    assert not hit and saved == pytest.approx(1 - 16 / 36)
+    saved, hit = bench.saving_at_equal_best(base_curve, base_cum, [0.5, 0.6, 0.89], [12, 24, 60], 60)
+    assert not hit and saved < 0  # spent more than the unpruned run and still short: a negative saving
+
+
+@pytest.mark.slow
+def test_world_pruning_mode_compares_pruners_by_renders(tmp_path, capsys, demo_world, experiment):
+    """``--world DIR --mode pruning``: the default strategy without a pruner (the shipped one-batch render, the same
+    kept run as the search mode's) and with one (``--prune-batch`` prompts per report, twice the trials); a pruned
+    trial counts the prompts it rendered; the saving is measured at the unpruned run's final best."""
+    from astolfo_opt.render.prompts import load_prompt_set
+
+    bench = experiment("bench_search")
+    n_prompts = len(load_prompt_set(demo_world / "prompts.yaml").prompts)
+    work, out, png = tmp_path / "runs", tmp_path / "p.json", tmp_path / "p.png"
+    rc = bench.main(["--world", str(demo_world), "--mode", "pruning", "--pruners", "none,incumbent", "--pruning-strategy",
+                     "random", "--models", "3", "--trials", "6", "--seed", "0", "--prune-batch", "4", "--workdir", str(work),
+                     "--json", str(out), "--png", str(png)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "pruning" and res["strategy"] == "random" and res["prompts"] == n_prompts
+    none, inc = res["pruners"]["none"], res["pruners"]["incumbent"]
+    assert none["batch"] == n_prompts and inc["batch"] == 4
+    assert (work / "random_n3_s0_t6.json").is_file() and (work / "random_incumbent_b4_n3_s0_t12.json").is_file()
+    assert none["trials"] == 6 and inc["trials"] == 12 and none["pruned_trials"] == 0
+    r = inc["per_run"][0]
+    assert r["pruned"] >= 1  # random proposes outlier merges the incumbent pruner stops after a batch or two
+    assert r["renders"] % 4 == 0 and r["renders"] < r["trials_run"] * n_prompts  # pruned trials rendered part of the set
+    assert none["per_run"][0]["renders"] <= 6 * n_prompts and none["saving_at_equal_best"] == 0.0
+    kept = json.loads((work / "random_incumbent_b4_n3_s0_t12.json").read_text())
+    goal = json.loads((work / "random_n3_s0_t6.json").read_text())["curve"][-1]
+    if r["reached_unpruned_best"]:  # the saving is the renders it needed to first reach the unpruned best
+        first = next(c for v, c in zip(kept["curve"], kept["cum_renders"], strict=True) if v >= goal - 1e-12)
+        need = json.loads((work / "random_n3_s0_t6.json").read_text())
+        i = next(j for j, v in enumerate(need["curve"]) if v >= goal - 1e-12)
+        assert r["saving_at_equal_best"] == pytest.approx(1 - first / need["cum_renders"][i], abs=1e-4)
+    assert len(inc["by_renders"]) == len(res["render_grid"]) and res["render_grid"][0] == n_prompts
+    assert all(b >= a for a, b in zip(inc["by_renders"], inc["by_renders"][1:], strict=False))
+    assert 0.0 <= r["judge_accuracy"] <= 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.main(["--world", str(demo_world), "--mode", "pruning", "--pruners", "none,incumbent", "--prune-batch",
+                       str(n_prompts), "--models", "3", "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "--prune-batch" in err
+
+
 def test_sampler_set_changes_options_and_is_refused_on_reporting_seeds(tmp_path, capsys, bench_dir, experiment):
     bench = experiment("bench_search")
     assert bench.parse_sampler_set("surrogate.n_startup=36;tpe.n_startup_trials=5") == {

@@ -53,6 +53,35 @@ def test_prunes_only_what_is_confidently_below_the_incumbent():
     assert pr.prune(minimise, _running(minimise, [0.6, 0.6, 0.6, 0.6])) and not pr.prune(minimise, _running(minimise, [0.25, 0.22]))
 
 
+def test_steps_count_images_when_a_batch_holds_several_prompts():
+    """The evaluator reports after each batch with step = images scored so far (4, 8, 12, 16 with 4 prompts per
+    pipeline call, as the shipped renders batch). The spread is per image: batch means ±0.05 over 4 images each give
+    sd² = 4·0.05²·16/12, and a trial 8 images in is stopped once mean + 2·sd/√8 < 0.80 - not before, not never."""
+    def finished(value: float) -> optuna.trial.FrozenTrial:
+        iv, tot = {}, 0.0
+        for b in range(4):
+            tot += 4 * (value + (0.05 if b % 2 else -0.05))
+            iv[4 * (b + 1)] = tot / (4 * (b + 1))
+        return create_trial(state=TrialState.COMPLETE, value=iv[16], params={"x": 0.5},
+                            distributions={"x": FloatDistribution(0, 1)}, intermediate_values=iv)
+
+    study = optuna.create_study(direction="maximize", storage=optuna.storages.InMemoryStorage())
+    for v in (0.60, 0.70, 0.80):
+        study.add_trial(finished(v))
+    sd = (4 * 0.05**2 * 16 / 12) ** 0.5
+    margin = 2.0 * sd / 8**0.5  # ~0.082
+
+    def after_two_batches(mean: float) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        trial.report(mean, 4)
+        trial.report(mean, 8)
+        return trial._get_latest_trial()
+
+    pr = IncumbentPruner(z=2.0)
+    assert pr.prune(study, after_two_batches(0.80 - margin - 0.01))
+    assert not pr.prune(study, after_two_batches(0.80 - margin + 0.01))
+
+
 def test_spare_exploit_keeps_the_samplers_best_guess_running():
     study = _study()
     means = [0.60, 0.61, 0.60, 0.62]

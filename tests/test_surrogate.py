@@ -305,3 +305,18 @@ def test_misfit_hands_proposals_to_the_fallback_and_says_why(tiny, caplog):
     with pytest.raises(ConfigError, match="misfit_fallback"):
         SurrogateSampler(misfit_fallback="cmaes")
 
+
+def test_misfit_fallback_tpe_proposes_through_its_own_startup_and_model(tiny, caplog):
+    """``misfit_fallback: tpe`` is driven as Optuna drives a sampler: its grouped search space inferred first, its
+    independent (startup) draws where it has no relative point - new recipes, not the uniform start again."""
+    _, space, _, gram = tiny
+    oracle = CachedOracle(_Spike(gram, space.candidate(space.warm_starts()[1]).spec))
+    with caplog.at_level(logging.WARNING, logger="astolfo_opt.search"):
+        study, _ = _run(space, oracle, SurrogateSampler(seed=0, n_startup=6, misfit_fallback="tpe"), 18, 0)
+    assert sum("sampler=tpe proposes" in r.message for r in caplog.records) == 1
+    late = sorted(study.trials, key=lambda t: t.number)[7:]
+    kinds = [t.user_attrs.get("proposal") for t in late]
+    assert kinds.count("misfit") >= len(late) - 2, kinds  # before and after TPE's own 10-trial startup
+    keys = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(set(keys)) == len(keys)
+

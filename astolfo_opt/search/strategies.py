@@ -420,8 +420,11 @@ class IncumbentPruner(BasePruner):
     Why not median / successive halving: those compare with *typical* trials, so near the end of a search (when most
     proposals are small steps around a good incumbent) they stop trials that could still win, and the final best
     drops. A trial that cannot beat the incumbent is useless to a hill-climbing strategy whatever the others did, so
-    this pruner asks one question after each prompt batch ``k``: is ``mean_k + z·sd/√k`` below the best finished
-    value? ``sd`` is the per-batch spread pooled over finished trials (``v_k = k·m_k - (k-1)·m_{k-1}``).
+    this pruner asks one question after each prompt batch: with ``k`` images scored so far (the evaluator's step), is
+    ``mean_k + z·sd/√k`` below the best finished value? ``sd`` is the per-image spread, pooled over finished trials
+    from their batch means: a batch of ``n`` images between steps ``j`` and ``k = j + n`` has the mean
+    ``(k·m_k - j·m_j) / n`` and the variance ``sd²/n``. (Steps count images, not batches: with several prompts per
+    pipeline call - the shipped renders - reading them as batch numbers mixes batch sums into the spread.)
 
     Options for model-based samplers, both off because neither helped on the search benchmark
     (experiments/README_bench_search.md): ``spare_exploit`` never stops a trial the sampler tagged
@@ -454,20 +457,20 @@ class IncumbentPruner(BasePruner):
             steps = sorted(t.intermediate_values.items())
             if len(steps) < 2:
                 continue
-            prev, vals = 0.0, []
+            j, mj, batches = 0, 0.0, []
             for k, m in steps:
-                vals.append(k * m - (k - 1) * prev if k > 1 else m)
-                prev = m
-            mu = sum(vals) / len(vals)
-            sq += sum((x - mu) ** 2 for x in vals)
-            n += len(vals) - 1
+                batches.append(((k * m - j * mj) / (k - j), k - j))  # (batch mean, images in it)
+                j, mj = k, m
+            mu = sum(b * w for b, w in batches) / j
+            sq += sum(w * (b - mu) ** 2 for b, w in batches)  # Σ n·(batch mean - mean)²: each term estimates sd²
+            n += len(batches) - 1
         if n < 2:
             return False
         sd = max(math.sqrt(sq / n), self.min_sd)
         k = max(iv)
         var = sd * sd / k
         if self.incumbent_noise:
-            var += sd * sd / max(len(inc.intermediate_values), 1)
+            var += sd * sd / max(max(inc.intermediate_values, default=1), 1)  # the incumbent's own mean over its K images
         return sign * float(iv[k]) + self.z * math.sqrt(var) < best
 
     @staticmethod

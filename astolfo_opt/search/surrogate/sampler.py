@@ -169,8 +169,12 @@ class SurrogateSampler(BaseSampler):
             from astolfo_opt.search.study import make_sampler
 
             self._misfit_sampler = make_sampler({"name": self.misfit_fallback}, self.seed, multi=False, constraints=False)
-        params = self._misfit_sampler.sample_relative(study, trial, search_space)
-        params = {n: params[n] if n in params else start_params({n: d})[n] for n, d in search_space.items()}
+        inner = self._misfit_sampler
+        # as Optuna drives a sampler: infer first (TPE's grouped decomposition is built there), then the relative
+        # point (TPE keeps the part of our space its groups cover), its own independent draw for the rest (its startup)
+        inner.infer_relative_search_space(study, trial)
+        rel = inner.sample_relative(study, trial, search_space)
+        params = {n: rel[n] if n in rel else inner.sample_independent(study, trial, n, d) for n, d in search_space.items()}
         _, seen = _finished(study, search_space, 1.0)
         if _key(params) in seen:  # Optuna's GP may propose a known point again: a trial spent on nothing new
             staged = self._staged.propose(study, search_space)
