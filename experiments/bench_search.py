@@ -651,8 +651,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pruned-budget", type=float, default=2.0,
                     help="pruning mode: trial budget of pruned runs as a multiple of --trials (to measure steps at equal best)")
     ap.add_argument("--prompts", type=int, default=8, help="pruning mode: prompt steps per trial")
-    ap.add_argument("--prune-batch", type=int, default=4, help="world pruning mode: prompts per pruning report in the pruned "
-                    "runs (the world renders its 12 prompts in one call otherwise)")
+    ap.add_argument("--prune-batch", type=int, default=2, help="world pruning mode: prompts per pruning report in the pruned "
+                    "runs, as conf/render/default.yaml batches (the world renders its 12 prompts in one call otherwise)")
     ap.add_argument("--render", action="store_true", help="pruning mode: really render a tiny image per step when possible")
     ap.add_argument("--workdir", default=None, help="where pools are generated and reused (default: a temp folder)")
     ap.add_argument("--json", required=True, help="result JSON path")
