@@ -172,14 +172,21 @@ def tuning_table() -> str:
     if not runs:
         return _missing("tuning/*.json", "python experiments/bench_search.py --seed tuning --sampler-set ... --json "
                                          "experiments/results/tuning/NAME.json")
-    lines = ["| strategy | setting | N | seeds | best at T (median) | incumbent at T (median) | per seed |",
-             "|---|---|---|---|---|---|---|"]
-    for r in runs:
+    lines = ["| strategy | setting | objective | N | seeds | best at T (median) | incumbent at T (median) | per seed | "
+             "handed over (runs) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r.get("mode") == "world", r.get("mismatch", "original"), r["models"])):
         for n, st in r["strategies"].items():
             changed = ", ".join(f"{k}={v}" for k, v in r.get("sampler_set", {}).get(n, {}).items()) or "shipped"
-            per = " / ".join(_f(x["strategies"][n][0]["best_at_budget"]) for x in r["per_seed"])
-            lines.append(f"| {n} | {changed} | {r['models']} | {', '.join(map(str, r['seeds']))} | {_f(st['best_at_budget'])} | "
-                         f"{_f(st['incumbent_true_at_budget'])} | {per} |")
+            if r.get("mode") == "world":  # objective values (not s): 4 decimals, the incumbent's observed objective
+                what, nd = f"world (build seed {r['world_seed']})", 4
+                per = " / ".join(_f(x["best_at_budget"], nd) for x in st["per_run"])
+                inc, handed = st["incumbent_objective"], sum(x.get("handed_over") is not None for x in st["per_run"])
+            else:
+                what, nd = f"oracle {r.get('mismatch', 'original')}", 3
+                per = " / ".join(_f(x["strategies"][n][0]["best_at_budget"]) for x in r["per_seed"])
+                inc, handed = st["incumbent_true_at_budget"], st.get("handed_over_runs", 0)
+            lines.append(f"| {n} | {changed} | {what} | {r['models']} | {', '.join(map(str, r['seeds']))} | "
+                         f"{_f(st['best_at_budget'], nd)} | {_f(inc, nd)} | {per} | {handed} |")
     return "\n".join(lines)
 
 
