@@ -86,6 +86,25 @@ def pruner_table(res: dict[str, Any], render: bool = False) -> str:
     return "\n".join(lines)
 
 
+def world_pruner_table(res: dict[str, Any]) -> str:
+    """``bench_search.py --world DIR --mode pruning``: per pruner, renders (prompts rendered) and what they bought."""
+    head = (f"`{res['strategy']}` on world `{res['world']}` (build seed {res['world_seed']}), N = {res['models']}, "
+            f"{res['prompts']} prompts per trial, T = {res['trials']} (pruned runs up to {res['pruned_budget']:g}T), "
+            f"search seeds {', '.join(map(str, res['seeds']))}. Rule: {res['rule']}.")
+    lines = [head, "", "| pruner | prompts per report | trials | renders (median) | pruned trials | best at T trials | "
+             "best at equal renders | best at the end | renders saved at equal final best (median) | reached unpruned best | "
+             "judge accuracy of the incumbent | wall s (mean) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, s in res["pruners"].items():
+        saving = "-" if n == "none" else f"{100 * s['saving_at_equal_best']:.0f}%"
+        lines.append(f"| {n} | {s['batch']} | {s['trials']} | {s['renders']:.0f} | {s['pruned_trials']:.0f} | "
+                     f"{_f(s['best_at_T'], 4)} | {_f(s['best_at_equal_renders'], 4)} | {_f(s['best_at_budget'], 4)} | {saving} | "
+                     f"{s['reached_unpruned_best']} | {_f(s['judge_accuracy'])} | {s['mean_wall_seconds']:.0f} |")
+    lines += ["", "Per seed: " + "; ".join(
+        f"{r['seed']}: saved {100 * r['saving_at_equal_best']:.0f}%{'' if r['reached_unpruned_best'] else ' (never reached)'}"
+        for r in next(s for n, s in res["pruners"].items() if n != "none")["per_run"]) + "."]
+    return "\n".join(lines)
+
+
 def bound_table(res: dict[str, Any]) -> str:
     lines = [f"N = {res['models']}, T = {res['trials']}, σ = {res['noise']}, seeds {', '.join(map(str, res['seeds']))} x "
              f"{res['repeats']} learner runs.", "",
@@ -216,6 +235,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "pruning-surrogate-p16": _pruners("bench_search_pruning_surrogate_p16.json", "python experiments/bench_search.py --mode pruning "
                                                                                  "--pruning-strategy surrogate ..."),
     "pruning-variants-p16": _pruners("bench_search_pruning_variants_p16.json", "python experiments/bench_search.py --mode pruning ..."),
+    "pruning-world-n12": lambda: world_pruner_table(r) if (r := _load("bench_world_pruning_n12.json")) else _missing(
+        "bench_world_pruning_n12.json", "python experiments/bench_search.py --world runs/world-bench --mode pruning --pruners "
+                                        "none,incumbent --seed reporting --json experiments/results/bench_world_pruning_n12.json"),
     "pruning-render-p16": _pruners("bench_pruning_render_p16.json", "python experiments/bench_search.py --mode pruning --render ...",
                                    render=True),
 }

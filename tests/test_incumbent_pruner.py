@@ -82,6 +82,40 @@ def test_steps_count_images_when_a_batch_holds_several_prompts():
     assert not pr.prune(study, after_two_batches(0.80 - margin + 0.01))
 
 
+def test_paired_compares_with_the_incumbent_on_the_same_prompts():
+    """Fixed prompts and seeds: the first 4 prompts are hard for every merge (0.3 below their mean). Unpaired, a trial
+    0.02 better than the incumbent on every prompt looks 0.28 below the incumbent's final mean after 4 images and is
+    stopped (per-image sd ~0.26 from the difficulty spread). Paired, it is compared with the incumbent's own first 4
+    images: kept, while one 0.05 worse everywhere is stopped (batch differences spread ±0.01)."""
+    difficulty = [-0.3] * 4 + [0.1] * 12  # 16 prompts, batches of 2 images: the mean difficulty is 0
+
+    def finished(level: float, jitter: float) -> optuna.trial.FrozenTrial:
+        iv, tot = {}, 0.0
+        for i, d in enumerate(difficulty):
+            tot += level + d + (jitter if (i // 2) % 2 else -jitter)
+            if i % 2:
+                iv[i + 1] = tot / (i + 1)
+        return create_trial(state=TrialState.COMPLETE, value=iv[16], params={"x": 0.5},
+                            distributions={"x": FloatDistribution(0, 1)}, intermediate_values=iv)
+
+    study = optuna.create_study(direction="maximize", storage=optuna.storages.InMemoryStorage())
+    for level, jitter in ((1.40, 0.0), (1.30, 0.01), (1.35, -0.01), (1.20, 0.01)):
+        study.add_trial(finished(level, jitter))
+
+    def first_four(level: float) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        trial.report(level - 0.3, 2)
+        trial.report(level - 0.3, 4)
+        return trial._get_latest_trial()
+
+    plain, paired = IncumbentPruner(z=2.0), IncumbentPruner(z=2.0, paired=True)
+    assert paired.prune(study, first_four(1.35))
+    assert not paired.prune(study, first_four(1.42))   # better than the incumbent on the same prompts
+    assert not paired.prune(study, first_four(1.395))  # 0.005 worse: within 2 paired sds (~0.015 at k = 4)
+    assert plain.prune(study, first_four(1.42))        # the plain test loses the better trial to the hard prompts
+    assert not plain.prune(study, first_four(1.45))
+
+
 def test_spare_exploit_keeps_the_samplers_best_guess_running():
     study = _study()
     means = [0.60, 0.61, 0.60, 0.62]
