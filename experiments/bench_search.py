@@ -335,7 +335,8 @@ def run_name(name: str, models: int, seed: int, pruner: str = "none", batch: int
     """The folder / cache name of one world run: a ``--sampler-set``, pruned or re-batched run is another run, never the
     shipped one's (two processes with different settings must not share a study)."""
     changed = "".join(f"_{k}-{v}" for k, v in sorted(SAMPLER_SET.get(name, {}).items()))  # no "=": Hydra reads run_dir
-    return (f"{name}{changed}{'' if pruner == 'none' else '_' + pruner.replace(':', '-')}"
+    safe = "".join(c if c.isalnum() or c in "_." else "-" for c in pruner)  # "incumbent:paired=true" -> a folder name
+    return (f"{name}{changed}{'' if pruner == 'none' else '_' + safe}"
             f"{'' if batch is None else f'_b{batch}'}_n{models}_s{seed}")
 
 
