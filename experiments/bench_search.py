@@ -600,11 +600,12 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     lo = max(s["curve"][1] for s in series.values()) if world else None  # the base alone: every study's trial 2
     hi = max(s["curve"][-1] for s in series.values())
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    for name, s in series.items():
+    for i, (name, s) in enumerate(series.items()):
         lw = 2.6 if name in (result.get("default"), "none") else 1.4
+        ls = ("-", "--", ":", "-.")[i % 4] if "render_grid" in result else "-"  # pruners often share a median curve
         below = lo is not None and s["curve"][-1] < lo
         xs = result.get("render_grid") or range(1, len(s["curve"]) + 1)
-        ax.plot(xs, s["curve"], label=f"{name} (below: ends at {s['curve'][-1]:.3f})" if below else name, lw=lw)
+        ax.plot(xs, s["curve"], label=f"{name} (below: ends at {s['curve'][-1]:.3f})" if below else name, lw=lw, ls=ls)
     ax.set_xlabel("renders (prompts rendered)" if "render_grid" in result else "trial")
     if world:
         ax.set_ylabel("best objective so far (median over seeds)")

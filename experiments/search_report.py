@@ -99,9 +99,13 @@ def world_pruner_table(res: dict[str, Any]) -> str:
         lines.append(f"| {n} | {s['batch']} | {s['trials']} | {s['renders']:.0f} | {s['pruned_trials']:.0f} | "
                      f"{_f(s['best_at_T'], 4)} | {_f(s['best_at_equal_renders'], 4)} | {_f(s['best_at_budget'], 4)} | {saving} | "
                      f"{s['reached_unpruned_best']} | {_f(s['judge_accuracy'])} | {s['mean_wall_seconds']:.0f} |")
-    lines += ["", "Per seed: " + "; ".join(
-        f"{r['seed']}: saved {100 * r['saving_at_equal_best']:.0f}%{'' if r['reached_unpruned_best'] else ' (never reached)'}"
-        for r in next(s for n, s in res["pruners"].items() if n != "none")["per_run"]) + "."]
+    base = {r["seed"]: r for r in res["pruners"]["none"]["per_run"]}
+    for n, s in res["pruners"].items():
+        if n != "none":
+            lines += ["", f"Per seed, `{n}` (final best against none's; renders saved at none's final best): " + "; ".join(
+                f"{r['seed']}: {r['best_at_budget']:.4f} vs {base[r['seed']]['best_at_budget']:.4f}, saved "
+                f"{100 * r['saving_at_equal_best']:.0f}%{'' if r['reached_unpruned_best'] else ' (never reached it)'}"
+                for r in s["per_run"]) + "."]
     return "\n".join(lines)
 
 

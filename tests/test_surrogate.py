@@ -209,7 +209,7 @@ def test_default_sampler_config_and_multi_objective_error():
     from astolfo_opt.search.study import make_sampler
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3", job_name="defaults"):
         cfg = compose("config")
-    assert section(cfg, "sampler")["name"] == "surrogate" and section(cfg, "pruner")["name"] == "incumbent"
+    assert section(cfg, "sampler")["name"] == "surrogate" and section(cfg, "pruner")["name"] == "none"
     assert isinstance(make_sampler(section(cfg, "sampler"), 0, multi=False, constraints=False), SurrogateSampler)
     with pytest.raises(ConfigError, match="nsga2") as e:
         make_sampler(section(cfg, "sampler"), 0, multi=True, constraints=False)

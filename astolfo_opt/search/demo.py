@@ -4,7 +4,7 @@ Steps (each printed): build (or reuse) the demo world in ``runs/world-demo`` (``
 base, finetunes that gain and forget concepts, an outlier, planted faults, its CLIP tower, aesthetic head and judge);
 scan its pool (the NaN model is flagged and excluded through ``pool.exclude``, the fix the error message names; the
 copied text encoder shares one inclusion parameter); run the study with ``scorer=world`` and the project's default
-search (surrogate sampler, incumbent pruner) through the same Hydra config tree as ``astolfo-opt search``; export the
+search (surrogate sampler, no pruner) through the same Hydra config tree as ``astolfo-opt search``; export the
 best trial; render the uniform merge of every usable model and the exported best on the same prompts and seeds,
 judge both with the world's held-out judge, and write ``summary.json`` and ``uniform_vs_best.png``.
 """
