@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -414,6 +414,15 @@ class StagedSampler(BaseSampler):
         return start_params({param_name: param_distribution})[param_name]
 
 
+def _batch_means(running: Mapping[int, float]) -> list[tuple[float, int]]:
+    """``(mean, images)`` of each batch, from the running means a trial reported at steps = images scored so far."""
+    out, j, mj = [], 0, 0.0
+    for step, m in sorted(running.items()):
+        out.append(((step * m - j * mj) / (step - j), step - j))
+        j, mj = step, m
+    return out
+
+
 class IncumbentPruner(BasePruner):
     """Stop a trial once its running mean is confidently below the best finished trial.
 
@@ -463,48 +472,32 @@ class IncumbentPruner(BasePruner):
         best = sign * float(inc.values[0])
         k = max(iv)
         if self.paired and k in inc.intermediate_values:
-            sd_d = self._paired_sd(done, inc)
+            # per finished trial, its batch means minus the incumbent's on the same images
+            ref, same = _batch_means(inc.intermediate_values), inc.intermediate_values.keys()
+            sd_d = self._pooled_sd([(b - bi, n) for (b, n), (bi, _) in zip(_batch_means(t.intermediate_values), ref, strict=True)]
+                                   for t in done if t.number != inc.number and t.intermediate_values.keys() == same)
             if sd_d is not None:
                 diff = sign * (float(iv[k]) - float(inc.intermediate_values[k]))
                 return diff + self.z * sd_d / math.sqrt(k) < 0
-        sq, n = 0.0, 0
-        for t in done:
-            steps = sorted(t.intermediate_values.items())
-            if len(steps) < 2:
-                continue
-            j, mj, batches = 0, 0.0, []
-            for step, m in steps:
-                batches.append(((step * m - j * mj) / (step - j), step - j))  # (batch mean, images in it)
-                j, mj = step, m
-            mu = sum(b * w for b, w in batches) / j
-            sq += sum(w * (b - mu) ** 2 for b, w in batches)  # Σ n·(batch mean - mean)²: each term estimates sd²
-            n += len(batches) - 1
-        if n < 2:
+        sd = self._pooled_sd(_batch_means(t.intermediate_values) for t in done)
+        if sd is None:
             return False
-        sd = max(math.sqrt(sq / n), self.min_sd)
         var = sd * sd / k
         if self.incumbent_noise:
             var += sd * sd / max(max(inc.intermediate_values, default=1), 1)  # the incumbent's own mean over its K images
         return sign * float(iv[k]) + self.z * math.sqrt(var) < best
 
-    def _paired_sd(self, done: list[FrozenTrial], inc: FrozenTrial) -> float | None:
-        """Per-image sd of the differences to the incumbent, pooled over the finished trials that reported the same
-        steps: batch differences ``Δ_j`` over ``n_j`` images spread around their mean with variance ``sd_d²/n_j``."""
-        ref = sorted(inc.intermediate_values.items())
-        sq, n = 0.0, 0
-        for t in done:
-            if t.number == inc.number or sorted(t.intermediate_values) != [k for k, _ in ref]:
-                continue
-            j, mj, ij, batches = 0, 0.0, 0.0, []
-            for (step, mi), m in zip(ref, (t.intermediate_values[s] for s, _ in ref), strict=True):
-                batches.append((((step * m - j * mj) - (step * mi - j * ij)) / (step - j), step - j))
-                j, mj, ij = step, m, mi
+    def _pooled_sd(self, series: Iterable[list[tuple[float, int]]]) -> float | None:
+        """Per-image sd pooled over trials' batch means: a batch of ``n`` images has variance ``sd²/n`` around its
+        trial's mean, so each ``n·(b - mean)²`` estimates ``sd²``; None with fewer than 2 degrees of freedom."""
+        sq, dof = 0.0, 0
+        for batches in series:
             if len(batches) < 2:
                 continue
-            mu = sum(b * w for b, w in batches) / j
-            sq += sum(w * (b - mu) ** 2 for b, w in batches)
-            n += len(batches) - 1
-        return max(math.sqrt(sq / n), self.min_sd) if n >= 2 else None
+            mu = sum(b * n for b, n in batches) / sum(n for _, n in batches)
+            sq += sum(n * (b - mu) ** 2 for b, n in batches)
+            dof += len(batches) - 1
+        return max(math.sqrt(sq / dof), self.min_sd) if dof >= 2 else None
 
     @staticmethod
     def _proposal(study: optuna.Study, trial: FrozenTrial) -> str | None:
@@ -526,7 +519,7 @@ def make_staged_sampler(seed: int | None = None, **opts: Any) -> StagedSampler:
 
 
 def make_incumbent_pruner(**opts: Any) -> IncumbentPruner:
-    """The default pruner (``pruner=incumbent``), meant for hill-climbing samplers (``staged``, ``surrogate``)."""
+    """``pruner=incumbent``, meant for ``sampler=staged`` (with the default surrogate it cost final value)."""
     allowed = {"z", "n_startup_trials", "n_warmup_steps", "spare_exploit", "incumbent_noise", "paired"}
     bad = sorted(set(opts) - allowed)
     if bad:
