@@ -478,8 +478,8 @@ def bench_world_pruning(args, seeds: list[int], workdir: Path) -> dict[str, Any]
         for r in rs:
             b = base[r["seed"]]
             saved, hit = saving_at_equal_best(b["curve"], b["cum_renders"], r["curve"], r["cum_renders"], r["renders"])
-            spent = b["cum_renders"][-1]  # the unpruned run's renders in T trials: the equal-renders budget
-            at_equal = max((v for v, c in zip(r["curve"], r["cum_renders"], strict=True) if c <= spent), default=-math.inf)
+            # its best within the unpruned run's renders in T trials: the equal-renders budget
+            at_equal = best_by_renders(r, [b["cum_renders"][-1]])[0]
             per_run.append({"seed": r["seed"], "saving_at_equal_best": round(saved, 4), "reached_unpruned_best": hit,
                             "best_at_equal_renders": at_equal, "best_at_budget": r["curve"][-1], "renders": r["renders"],
                             "trials_run": r["trials_run"], "pruned": r.get("pruned", 0), "judge_accuracy": r["judge_accuracy"],

@@ -447,6 +447,8 @@ def test_world_pruning_mode_compares_pruners_by_renders(tmp_path, capsys, demo_w
         need = json.loads((work / "random_n3_s0_t6.json").read_text())
         i = next(j for j, v in enumerate(need["curve"]) if v >= goal - 1e-12)
         assert r["saving_at_equal_best"] == pytest.approx(1 - first / need["cum_renders"][i], abs=1e-4)
+    spent = json.loads((work / "random_n3_s0_t6.json").read_text())["cum_renders"][-1]  # the unpruned run's renders
+    assert r["best_at_equal_renders"] == max(v for v, c in zip(kept["curve"], kept["cum_renders"], strict=True) if c <= spent)
     assert len(inc["by_renders"]) == len(res["render_grid"]) and res["render_grid"][0] == n_prompts
     assert all(b >= a for a, b in zip(inc["by_renders"], inc["by_renders"][1:], strict=False))
     assert 0.0 <= r["judge_accuracy"] <= 1.0
